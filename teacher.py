@@ -1,0 +1,136 @@
+"""The privileged teacher: its prompt, and the forward pass that scores the student's own tokens.
+
+Teacher = the frozen initial policy (under LoRA: the same network with the adapter disabled) shown the
+problem *and a reference solution* (OPSD, arXiv:2601.18734, Sec. 3). It reads the student's completion
+token ids unchanged after its own prompt, so position k of the completion is scored by
+
+    teacher:  p_T(. | teacher_prompt, y_<k)        student:  p_S(. | student_prompt, y_<k)
+
+Both passes return the *final hidden states* at the completion positions ([N, H], N = total completion
+tokens of the batch, sequences concatenated in order): the lm_head is applied later, by the loss, chunk
+by chunk (loss.py), so a [B, T, V] logits tensor never exists.
+
+    python teacher.py --model smollm2-135m --dataset demo-arithmetic   # show prompts + per-token KL
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+
+from rollout import render_chat
+
+TEACHER_TEMPLATE = (
+    "Problem: {problem}\n\n"
+    "Here is a reference solution to this problem:\n"
+    "=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n\n"
+    "Study the reasoning of the reference solution until you understand why it works. Do not copy it: "
+    "solve the problem yourself, step by step, and arrive independently at the same final answer.\n"
+    "Please reason step by step, and put your final answer within \\boxed{{}}."
+)
+
+
+def teacher_prompt(tokenizer, problem: str, solution: str, enable_thinking: bool = True) -> str:
+    """The privileged teacher's rendered prompt (string; encode with ``add_special_tokens=False``)."""
+    return render_chat(tokenizer, TEACHER_TEMPLATE.format(problem=problem, solution=solution), enable_thinking)
+
+
+def causal_lm(model):
+    """The bare ``*ForCausalLM`` inside DDP / DeepSpeed / peft wrappers (LoRA layers stay injected)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """The output projection ``[V, H]`` (tied to the input embeddings for SmolLM2 / small Qwen3)."""
+    return causal_lm(model).get_output_embeddings().weight
+
+
+def completion_hidden_states(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Final hidden states that predict each completion token, packed: ``[N, H]``, N = sum of completion lengths.
+
+    Row ``j`` of sequence ``i`` is the decoder output at the position just before completion token
+    ``j`` -- i.e. the lm_head input whose logits give ``p(y_j | prompt_i, y_<j)``.
+
+    The batch is ``[prompt_i + completion_i]`` right-padded. The model is called through its outermost
+    wrapper (so DDP / DeepSpeed / FSDP see the forward) with ``logits_to_keep=1``, and the decoder
+    output is taken by a forward hook: no ``[B, T, V]`` logits and no per-layer hidden-state copies.
+    Gradients flow iff grad mode is on. Raises ``ValueError`` on an empty completion.
+    """
+    if any(len(c) == 0 for c in completions):
+        raise ValueError("completion_hidden_states: empty completion (every rollout has at least one token)")
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    width = max(len(s) for s in seqs)
+    device = lm_head_weight(model).device
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    rows = torch.cat([torch.full((len(c),), i) for i, c in enumerate(completions)])
+    cols = torch.cat([torch.arange(len(p) - 1, len(p) + len(c) - 1) for p, c in zip(prompts, completions)])
+    captured = {}
+
+    def hook(_module, _args, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = causal_lm(model).get_decoder().register_forward_hook(hook)
+    try:
+        model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    return captured["h"][rows.to(device), cols.to(device)]
+
+
+@contextlib.contextmanager
+def teacher_mode(model, frozen_copy=None):
+    """Yield the network to use as the teacher: ``frozen_copy`` if given (full fine-tuning), else ``model``
+    with its LoRA adapter disabled (= the initial policy). Always under ``torch.no_grad()``."""
+    with torch.no_grad():
+        if frozen_copy is not None:
+            yield frozen_copy
+            return
+        peft_model = model
+        while hasattr(peft_model, "module"):
+            peft_model = peft_model.module
+        with peft_model.disable_adapter():
+            yield peft_model
+
+
+def main():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data import load_problems, resolve_model
+    from loss import clipped_forward_kl
+    from rollout import encode, generate_hf, student_prompt
+
+    p = argparse.ArgumentParser(description="Show the student/teacher prompts of a problem and score one "
+                                            "student rollout token by token (clipped forward KL).")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dataset", default="demo-arithmetic")
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--teacher_thinking", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    a = p.parse_args()
+    r = load_problems(a.dataset, limit=a.index + 1)[a.index]
+    path = resolve_model(a.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    s_prompt, t_prompt = student_prompt(tok, r["problem"]), teacher_prompt(tok, r["problem"], r["solution"], a.teacher_thinking)
+    print("=== student prompt ===\n" + s_prompt + "\n=== teacher prompt ===\n" + t_prompt)
+    s_ids, t_ids = encode(tok, s_prompt), encode(tok, t_prompt)
+    ro = generate_hf(model, tok, [s_ids], max_new_tokens=a.max_new_tokens)[0]
+    with torch.no_grad():
+        W = lm_head_weight(model)
+        hs = completion_hidden_states(model, [s_ids], [ro.completion_ids], tok.pad_token_id)
+        ht = completion_hidden_states(model, [t_ids], [ro.completion_ids], tok.pad_token_id)
+        kl = clipped_forward_kl(hs @ W.T, ht @ W.T)
+    print("=== student rollout, per-token clipped forward KL ===")
+    for tid, v in zip(ro.completion_ids, kl.tolist()):
+        print(f"{v:8.4f}  {tok.decode([tid])!r}")
+
+
+if __name__ == "__main__":
+    main()
