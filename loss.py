@@ -73,21 +73,28 @@ def uniform_weights(lengths: torch.Tensor, **_) -> torch.Tensor:
     return torch.ones(int(lengths.sum()), device=lengths.device)
 
 
-def position_weights(lengths: torch.Tensor, w_min: float = 0.25, tau: float = 0.30, s: float = 0.10, **_) -> torch.Tensor:
-    """PW-OPSD Eq. 3: ``w_min + (1 - w_min) * sigmoid((frac_t - tau) / s)``, frac_t = (t - 0.5) / L_i.
-
-    Not renormalised: early tokens are down-weighted, late ones kept at ~1. ``[N]`` float32.
-    """
+def relative_positions(lengths: torch.Tensor) -> torch.Tensor:
+    """frac_t = (t - 0.5) / L_i for every completion token: the centre of token t in [0, 1]. ``[N]`` float32."""
     seq, t = token_positions(lengths)
-    frac = (t.float() - 0.5) / lengths[seq].float()
+    return (t.float() - 0.5) / lengths[seq].float()
+
+
+def position_schedule(frac: torch.Tensor, w_min: float = 0.25, tau: float = 0.30, s: float = 0.10) -> torch.Tensor:
+    """PW-OPSD Eq. 3: ``w_min + (1 - w_min) * sigmoid((frac - tau) / s)``; 0.286 / 0.625 / 0.911 / 0.995 at
+    frac 0 / 0.3 / 0.5 / 0.8 with the paper's defaults."""
     return w_min + (1 - w_min) * torch.sigmoid((frac - tau) / s)
+
+
+def position_weights(lengths: torch.Tensor, w_min: float = 0.25, tau: float = 0.30, s: float = 0.10, **_) -> torch.Tensor:
+    """PW-OPSD token weights ``position_schedule(frac_t)``, frac_t = (t - 0.5) / L_i, L_i = that sequence's
+    completion length. Not renormalised: early tokens are down-weighted, late ones kept at ~1. ``[N]`` float32."""
+    return position_schedule(relative_positions(lengths), w_min, tau, s)
 
 
 def linear_weights(lengths: torch.Tensor, w_min: float = 0.25, **_) -> torch.Tensor:
     """Example variant (README, "Add your own variant"): a linear ramp from w_min at the first token to 1
     at the last, ``w_min + (1 - w_min) * frac_t``. ``[N]`` float32."""
-    seq, t = token_positions(lengths)
-    return w_min + (1 - w_min) * (t.float() - 0.5) / lengths[seq].float()
+    return w_min + (1 - w_min) * relative_positions(lengths)
 
 
 WEIGHTINGS = {"uniform": uniform_weights, "position": position_weights, "linear": linear_weights}
@@ -195,7 +202,8 @@ def chunked_clipped_fkl(student_hidden: torch.Tensor, teacher_hidden: torch.Tens
 # Per-step losses on full logits. Signature: (student_logits [N, V] with grad, teacher_logits [N, V],
 # ctx, hp) -> (scalar loss = this micro-batch's share of the step loss, {diagnostic: float}).
 # ctx: tokens [N] (sampled ids), lengths [B], coef [N] (weights / reduction), total_tokens and
-# total_sequences (whole step, all processes), step (0-based). hp: the training Args (hyperparameters).
+# total_sequences (whole step, all processes), step (0-based); for losses in TOKEN_STATS also token_stats
+# [N, k] (this micro-batch) and step_token_stats [N_step, k] (whole step, all processes). hp: the training Args.
 # --------------------------------------------------------------------------------------------------
 def clipped_fkl_loss(student_logits, teacher_logits, ctx, hp):
     """OPSD / PW-OPSD: ``sum_t coef_t * l_t`` with the clipped forward KL of ``clipped_forward_kl``."""
@@ -203,7 +211,115 @@ def clipped_fkl_loss(student_logits, teacher_logits, ctx, hp):
     return (ctx["coef"] * per_token).sum(), {}
 
 
-LOSSES = {"clipped_fkl": clipped_fkl_loss}
+# --------------------------------------------------------------------------------------------------
+# Method variants on the sampled token y_t (issue 7): the paper's baselines and a common recipe. Like the
+# clipped forward KL they read both models at hp.temperature (1.1): every log-prob and entropy below is
+# of softmax(logits / T), student and teacher alike. None applies the point-wise clip c.
+# --------------------------------------------------------------------------------------------------
+def sampled_token_terms(student_logits, teacher_logits, tokens, temperature):
+    """Tempered log-probs ``(log_p_s [N, V], log_p_t [N, V], lp_s [N], lp_t [N])``, float32; ``lp_*`` are
+    at the sampled tokens ``tokens [N]``. Only the student's carry a gradient."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    y = tokens[:, None]
+    return log_p_s, log_p_t, log_p_s.gather(1, y)[:, 0], log_p_t.gather(1, y)[:, 0]
+
+
+def entropy(log_p: torch.Tensor) -> torch.Tensor:
+    """``[N, V]`` log-probs -> ``[N]`` entropy, nats."""
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def sampled_rkl_loss(student_logits, teacher_logits, ctx, hp):
+    """Sampled-token reverse KL as a policy gradient (MiniLLM, Gu et al. 2024; "On-Policy Distillation",
+    Thinking Machines 2025): with the per-token reward R_t = sg(log p_T(y_t) - log p_S(y_t)),
+
+        l_t = -R_t * log p_S(y_t),        loss = sum_t coef_t l_t   (uniform / token: global token mean)
+
+    Since E_{y ~ p_S}[grad log p_S(y)] = 0, the expected gradient is that of KL(p_S || p_T) per token.
+    Diagnostic ``rkl_k1``: mean of -R_t, the one-sample estimate of that reverse KL (nats).
+    """
+    _, _, lp_s, lp_t = sampled_token_terms(student_logits, teacher_logits, ctx["tokens"], hp.temperature)
+    reward = (lp_t - lp_s).detach()
+    return -(ctx["coef"] * reward * lp_s).sum(), {"rkl_k1": -reward.mean().item()}
+
+
+def eopd_loss(student_logits, teacher_logits, ctx, hp):
+    """EOPD, entropy-aware on-policy distillation (Jin et al. 2026, arXiv:2603.07079), per token t:
+
+        A_t  = sg(log p_T(y_t) - log p_S(y_t))                      advantage
+        r_t  = exp(log p_S(y_t) - sg(log p_S(y_t)))                  PPO ratio; 1 on-policy, kept for the form
+        pg_t = -min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t)           eps = hp.eopd_clip_eps (0.2)
+        kl_t = sum_{v in K_t} q(v) (log q(v) - log p_S(v))           K_t = teacher's top-k (hp.eopd_top_k, 16),
+                                                                     q = p_T renormalised over K_t, p_S full-vocab
+        l_t  = pg_t + 1[H(p_T) > h] kl_t                             h = hp.eopd_entropy_threshold (0.8 nats),
+                                                                     H = teacher's full-vocabulary entropy
+        loss = sum_t coef_t l_t                                      (uniform / token: global token mean)
+
+    On-policy the gradient of pg_t is -A_t grad log p_S(y_t). Diagnostics: ``high_entropy_frac`` (gate
+    open), ``clip_frac`` (|r_t - 1| > eps), ``topk_kl`` (mean kl_t where the gate is open), ``advantage_mean``.
+    """
+    log_p_s, log_p_t, lp_s, lp_t = sampled_token_terms(student_logits, teacher_logits, ctx["tokens"], hp.temperature)
+    adv = (lp_t - lp_s).detach()
+    ratio = torch.exp(lp_s - lp_s.detach())
+    eps = hp.eopd_clip_eps
+    pg = -torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+    top_lp_t, top_ids = log_p_t.topk(min(hp.eopd_top_k, log_p_t.shape[-1]), dim=-1)
+    log_q = top_lp_t - top_lp_t.logsumexp(-1, keepdim=True)
+    kl = (log_q.exp() * (log_q - log_p_s.gather(1, top_ids))).sum(-1)
+    gate = entropy(log_p_t) > hp.eopd_entropy_threshold
+    loss = (ctx["coef"] * (pg + gate * kl)).sum()
+    return loss, {"high_entropy_frac": gate.float().mean().item(),
+                  "clip_frac": ((ratio.detach() - 1).abs() > eps).float().mean().item(),
+                  "topk_kl": kl[gate].mean().item() if gate.any() else 0.0, "advantage_mean": adv.mean().item()}
+
+
+def reopold_token_stats(student_logits, teacher_logits, tokens, hp):
+    """REOPOLD's per-token statistics, no gradient: ``[N, 2]`` float32 = (student entropy H(p_S) in nats,
+    reward R_t = log p_T(y_t) - log p_S(y_t)). train.py computes them for the whole step before the
+    first backward (see ``reopold_loss``)."""
+    with torch.no_grad():
+        log_p_s, _, lp_s, lp_t = sampled_token_terms(student_logits, teacher_logits, tokens, hp.temperature)
+        return torch.stack([entropy(log_p_s), lp_t - lp_s], dim=-1)
+
+
+def reopold_loss(student_logits, teacher_logits, ctx, hp):
+    """REOPOLD, relaxed on-policy distillation (Ko et al. 2026, arXiv:2603.11137), per token t:
+
+        R_t   = sg(log p_T(y_t) - log p_S(y_t))        reward;   floor f = log(lam / (1 - lam)), lam = hp.reopold_lambda (0.1)
+        R^_t  = max(R_t, f)
+        M_t   = 1[R_t >= f]                            while step < hp.reopold_switch_step (50)
+              = 1[H(p_S)_t >= k-th largest H(p_S) of the batch],  k = ceil(rho * tokens), rho = hp.reopold_entropy_top (0.2)
+        loss  = -sum_t R^_t M_t log p_S(y_t) / sum_t M_t     (sum(M) = 0 -> 0; ignores ctx["coef"])
+
+    "The batch" is the whole optimizer step (all micro-batches, all processes), like ``total_tokens``: train.py
+    passes ``ctx["token_stats"]`` (this micro-batch's ``reopold_token_stats``) and ``ctx["step_token_stats"]``
+    (the step's), so the threshold and sum(M) do not depend on micro-batching. Without them these N tokens
+    are the batch. Diagnostics: ``mask_frac``, ``floor_frac`` (of kept tokens), ``reward_mean``, ``entropy_threshold``.
+    """
+    _, _, lp_s, _ = sampled_token_terms(student_logits, teacher_logits, ctx["tokens"], hp.temperature)
+    mine = ctx.get("token_stats")
+    mine = reopold_token_stats(student_logits, teacher_logits, ctx["tokens"], hp) if mine is None else mine
+    batch = ctx.get("step_token_stats", mine)
+    floor = math.log(hp.reopold_lambda / (1 - hp.reopold_lambda))
+    stats = {}
+    if ctx["step"] < hp.reopold_switch_step:
+        mask, total = mine[:, 1] >= floor, (batch[:, 1] >= floor).sum().item()
+    else:
+        threshold = batch[:, 0].topk(math.ceil(hp.reopold_entropy_top * len(batch))).values[-1]
+        mask, total = mine[:, 0] >= threshold, (batch[:, 0] >= threshold).sum().item()
+        stats["entropy_threshold"] = threshold.item()
+    r_hat = mine[:, 1].clamp(min=floor)
+    loss = -(r_hat * mask * lp_s).sum() / max(total, 1)
+    stats.update(mask_frac=total / len(batch), reward_mean=batch[:, 1].mean().item(),
+                 floor_frac=(mask & (mine[:, 1] < floor)).sum().item() / max(mask.sum().item(), 1))
+    return loss, stats
+
+
+LOSSES = {"clipped_fkl": clipped_fkl_loss, "sampled_rkl": sampled_rkl_loss, "eopd": eopd_loss, "reopold": reopold_loss}
+# Losses whose token selection needs statistics of the whole step: train.py computes these per-token
+# statistics in a no-grad pass over all micro-batches before the first backward (ctx["token_stats"]).
+TOKEN_STATS = {"reopold": reopold_token_stats}
 
 # --------------------------------------------------------------------------------------------------
 # Methods: which per-step loss, weighting and reduction ``--method`` selects
@@ -213,6 +329,9 @@ METHODS = {
     "opsd": ("clipped_fkl", "uniform", "token"),      # OPSD (arXiv:2601.18734)
     "pwopsd": ("clipped_fkl", "position", "sequence"),  # PW-OPSD (arXiv:2605.21606)
     "pwopsd-linear": ("clipped_fkl", "linear", "sequence"),  # README example: a new weighting
+    "eopd": ("eopd", "uniform", "token"),              # EOPD baseline (arXiv:2603.07079)
+    "reopold": ("reopold", "uniform", "token"),        # REOPOLD baseline (arXiv:2603.11137); own sum(M) normaliser
+    "sampled_rkl": ("sampled_rkl", "uniform", "token"),  # sampled-token reverse KL (policy gradient)
 }
 
 
