@@ -59,6 +59,13 @@ class Args:
     clip: float = field(default=0.05, metadata={"help": "point-wise clip c of the forward KL; <= 0 disables"})
     loss_impl: str = field(default="chunked", metadata={"help": "chunked (hidden states, O(chunk x V)) | reference"})
     loss_chunk_size: int = 1024
+    # baselines (loss.py; all at --temperature): EOPD (arXiv:2603.07079) and REOPOLD (arXiv:2603.11137)
+    eopd_clip_eps: float = field(default=0.2, metadata={"help": "eopd: PPO ratio clip epsilon"})
+    eopd_entropy_threshold: float = field(default=0.8, metadata={"help": "eopd: top-k forward KL where teacher entropy (nats) exceeds this"})
+    eopd_top_k: int = field(default=16, metadata={"help": "eopd: teacher top-k tokens of the forward KL"})
+    reopold_lambda: float = field(default=0.1, metadata={"help": "reopold: reward floor log(lambda / (1 - lambda))"})
+    reopold_switch_step: int = field(default=50, metadata={"help": "reopold: from this step (0-based) mask by entropy"})
+    reopold_entropy_top: float = field(default=0.2, metadata={"help": "reopold: keep this top fraction of student-entropy tokens"})
     # --- rollouts -----------------------------------------------------------------------------------
     rollout_backend: str = field(default="auto", metadata={"help": "vllm | hf | auto (vllm when importable)"})
     max_new_tokens: int = 1024
@@ -120,6 +127,11 @@ def parse_args(argv=None) -> Args:
         (args.report_to in ("none", "tensorboard", "wandb", "trackio"), f"--report_to: unknown {args.report_to!r}"),
         (args.batch_size > 0 and args.per_device_train_batch_size > 0, "--batch_size and --per_device_train_batch_size must be > 0"),
         (args.max_new_tokens > 0 and args.loss_chunk_size > 0, "--max_new_tokens and --loss_chunk_size must be > 0"),
+        (args.eopd_top_k > 0 and args.eopd_clip_eps >= 0, "--eopd_top_k must be > 0 and --eopd_clip_eps >= 0"),
+        (0 < args.reopold_lambda < 1 and 0 < args.reopold_entropy_top <= 1,
+         "--reopold_lambda must be in (0, 1) and --reopold_entropy_top in (0, 1]"),
+        (L.METHODS.get(args.method, ("",))[0] != "reopold" or (args.weighting, args.reduction) == (None, None),
+         f"--method {args.method} normalises by sum(M) itself: --weighting / --reduction do not apply"),
         (args.resume_from_checkpoint in (None, "latest") or os.path.isdir(args.resume_from_checkpoint),
          f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint}"),
     ]
@@ -284,6 +296,25 @@ def main(argv=None):
                                                  device=accelerator.device), reduction="sum")
         total_tokens, total_seqs = counts[0].item(), counts[1].item()
 
+        # 3b. Losses that select tokens by statistics of "the batch" (REOPOLD: top-20 % student entropy, and
+        #     its normaliser sum(M)) take the batch to be the whole step, all processes -- like total_tokens,
+        #     so micro-batching and process count do not change the gradient. That needs every token's
+        #     statistics before the first backward: one extra no-grad teacher + student pass.
+        token_stats, step_token_stats = [], None
+        if loss_name in L.TOKEN_STATS:
+            with torch.no_grad(), accelerator.autocast():
+                for m in range(grad_accum):
+                    idx = range(m * micro, (m + 1) * micro)
+                    comps = [rollouts[i].completion_ids for i in idx]
+                    with teacher_mode(model, frozen_teacher) as teacher:
+                        h_t = completion_hidden_states(teacher, [batch[i]["teacher_ids"] for i in idx], comps, pad_id)
+                        W_t = lm_head_weight(teacher)
+                    h_s = completion_hidden_states(model, [batch[i]["student_ids"] for i in idx], comps, pad_id)
+                    tokens = torch.tensor([t for c in comps for t in c], device=accelerator.device)
+                    token_stats.append(L.TOKEN_STATS[loss_name](h_s @ W.T, h_t @ W_t.T, tokens, args))
+            padded = accelerator.gather(accelerator.pad_across_processes(torch.cat(token_stats), pad_index=math.nan))
+            step_token_stats = padded[~padded.isnan().any(-1)]  # ranks differ in token count: drop the padding
+
         # 4. Teacher and student passes, micro-batch by micro-batch; gradients accumulate.
         step_loss, weights_seen, loss_stats = 0.0, [], {}
         for m in range(grad_accum):
@@ -304,6 +335,8 @@ def main(argv=None):
                     tokens = torch.tensor([t for c in comps for t in c], device=accelerator.device)
                     ctx = {"tokens": tokens, "lengths": lengths, "coef": coef, "total_tokens": total_tokens,
                            "total_sequences": total_seqs, "step": step}
+                    if token_stats:
+                        ctx.update(token_stats=token_stats[m], step_token_stats=step_token_stats)
                     loss, stats = L.LOSSES[loss_name](h_s @ W.T, h_t @ W_t.T, ctx, args)
                 # `loss` is this micro-batch's share of the *global* step loss. accelerate divides by the
                 # accumulation steps and DDP/DeepSpeed/FSDP average over processes; undo both so the
