@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import yaml
@@ -58,7 +59,7 @@ class Args:
     temperature: float = field(default=1.1, metadata={"help": "divides student and teacher logits in the loss"})
     clip: float = field(default=0.05, metadata={"help": "point-wise clip c of the forward KL; <= 0 disables"})
     loss_impl: str = field(default="chunked", metadata={"help": "chunked (hidden states, O(chunk x V)) | reference"})
-    loss_chunk_size: int = 1024
+    loss_chunk_size: int = field(default=512, metadata={"help": "tokens per chunk of the chunked loss (~4 x this x V floats)"})
     # baselines (loss.py; all at --temperature): EOPD (arXiv:2603.07079) and REOPOLD (arXiv:2603.11137)
     eopd_clip_eps: float = field(default=0.2, metadata={"help": "eopd: PPO ratio clip epsilon"})
     eopd_entropy_threshold: float = field(default=0.8, metadata={"help": "eopd: top-k forward KL where teacher entropy (nats) exceeds this"})
@@ -166,16 +167,13 @@ def save_checkpoint(accelerator, model, args: Args, step: int):
     accelerator.wait_for_everyone()
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def setup(args: Args) -> SimpleNamespace:
+    """Everything before the loop: accelerator, prompts, LoRA student (+ teacher), optimizer, rollout engine,
+    resume. Input errors exit with one line before any model is loaded. Returns the run's state."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-    import evaluate  # the grader (math-verify), for the boxed / correct rates
-
-    # ---- set-up: everything that can fail on user input fails here, before any model is loaded ------
     on_gpu = torch.cuda.is_available()
     world, micro = PartialState().num_processes, args.per_device_train_batch_size
     if args.batch_size % (micro * world):
@@ -184,22 +182,33 @@ def main(argv=None):
     grad_accum = args.batch_size // (micro * world)
     accelerator = Accelerator(mixed_precision="bf16" if (on_gpu and args.bf16) else "no", gradient_accumulation_steps=grad_accum,
                               log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir)
-    rank = accelerator.process_index
+    ds = accelerator.state.deepspeed_plugin
+    sharded = (ds is not None and ds.zero_stage == 3) or accelerator.distributed_type.name == "FSDP"
+    if sharded and not args.use_lora:
+        sys.exit("--use_lora false with ZeRO-3 / FSDP: the frozen teacher copy and the lm_head used by the loss "
+                 "cannot be sharded; use LoRA (the teacher is then the adapter-disabled student) or ZeRO-2 / DDP")
+    if ds is not None:  # no dataloader: tell DeepSpeed the batch geometry; it clips gradients itself
+        ds.deepspeed_config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=grad_accum,
+                                   gradient_clipping=args.max_grad_norm)
     loss_name, weighting, reduction = L.METHODS[args.method]
-    weighting, reduction = args.weighting or weighting, args.reduction or reduction
     resume = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
     if args.resume_from_checkpoint == "latest" and resume is None:
         accelerator.print(f"[train] --resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting fresh")
     set_seed(args.seed)
 
-    problems = load_problems(args.dataset, args.dataset_split, problem_field=args.problem_field,
-                             solution_field=args.solution_field, answer_field=args.answer_field)
+    try:
+        problems = load_problems(args.dataset, args.dataset_split, problem_field=args.problem_field,
+                                 solution_field=args.solution_field, answer_field=args.answer_field)
+    except (FileNotFoundError, KeyError, ValueError) as e:  # bad local file / missing field
+        sys.exit(str(e).strip("'\""))
+    except (ConnectionError, OSError) as e:  # Hub unreachable: say so in one line
+        sys.exit(f"--dataset {args.dataset}: cannot load ({str(e).splitlines()[0]}). "
+                 f"Offline? Try --config configs/demo.yaml")
     try:
         model_path = resolve_model(args.model)
         tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     except OSError as e:  # offline / unknown id: say so in one line
         sys.exit(f"--model {args.model}: cannot load ({str(e).splitlines()[0]}). Offline? Try --config configs/demo.yaml")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     # Render and length-filter every prompt once (skipped, counted -- never silently truncated).
     data = []
@@ -229,8 +238,8 @@ def main(argv=None):
         frozen_teacher = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
     if on_gpu and args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps)
     # The scheduler stays unprepared: accelerate would step it once per process; we step it once per
     # optimizer step ourselves and only register it for checkpointing.
@@ -246,146 +255,191 @@ def main(argv=None):
     accelerator.register_save_state_pre_hook(keep_trainable)
 
     backend = args.rollout_backend if args.rollout_backend != "auto" else ("vllm" if R.vllm_available() else "hf")
-    accelerator.print(f"[train] {args.method} (loss {loss_name}, weighting {weighting}, reduction {reduction}); "
+    run = SimpleNamespace(args=args, accelerator=accelerator, tok=tok, data=data, model=model, frozen_teacher=frozen_teacher,
+                          optimizer=optimizer, scheduler=scheduler, engine=None, micro=micro, grad_accum=grad_accum,
+                          loss_name=loss_name, weighting=args.weighting or weighting, reduction=args.reduction or reduction,
+                          pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, start_step=0)
+    # The student's lm_head (frozen under LoRA), whole even under ZeRO-3 / FSDP; the teacher's under LoRA is the same.
+    run.W = full_weight(lm_head_weight(model), accelerator)
+    run.W_t = run.W if frozen_teacher is None else lm_head_weight(frozen_teacher)
+    accelerator.print(f"[train] {args.method} (loss {loss_name}, weighting {run.weighting}, reduction {run.reduction}); "
                       f"{len(data)} problems; {world} process(es) x {micro} x {grad_accum} accumulation = "
                       f"{args.batch_size} prompts/step; rollouts: {backend}; dtype {dtype}")
-    engine = None
     if backend == "vllm":
-        engine = R.vllm_engine(accelerator.unwrap_model(model), model_path, args, accelerator)
-
-    start_step = 0
+        run.engine = R.vllm_engine(accelerator.unwrap_model(model), model_path, args, accelerator)
     if resume:
         accelerator.load_state(resume, strict=False)
-        start_step = json.loads((Path(resume) / "trainer_state.json").read_text())["step"]
-        if engine is not None:
-            R.vllm_sync_weights(engine, model, accelerator)
-        accelerator.print(f"[train] resumed from {resume} at step {start_step}")
+        run.start_step = json.loads((Path(resume) / "trainer_state.json").read_text())["step"]
+        if run.engine is not None:
+            R.vllm_sync_weights(run.engine, model, accelerator)
+        accelerator.print(f"[train] resumed from {resume} at step {run.start_step}")
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     if args.report_to != "none":
         accelerator.init_trackers("pw-opsd", config=dataclasses.asdict(args))
+    return run
 
-    # ---- the loop ----------------------------------------------------------------------------------
-    W = lm_head_weight(model)
-    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
-               disable=not accelerator.is_main_process, desc="train")
+
+def full_weight(weight: torch.Tensor, accelerator) -> torch.Tensor:
+    """A frozen parameter as one whole tensor: gathered under DeepSpeed ZeRO-3 / FSDP2, itself otherwise.
+    (Only used for the frozen lm_head, which the loss applies outside the model's forward.)"""
+    if hasattr(weight, "full_tensor"):  # FSDP2 DTensor
+        return weight.full_tensor().detach()
+    if hasattr(weight, "ds_id"):  # ZeRO-3 partitioned parameter
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight]):
+            return weight.detach().clone()
+    return weight
+
+
+def step_batch(run, step: int) -> tuple[list[dict], int]:
+    """This process's prompts for ``step`` and the index of its first one within the step's global batch.
+
+    A seeded permutation per epoch, cut into global batches of ``--batch_size``; process r takes slice r.
+    So prompts are disjoint across processes and depend only on (seed, step): deterministic and resumable.
+    """
+    args, per_rank = run.args, run.micro * run.grad_accum
+    epoch, k = divmod(step, len(run.data) // args.batch_size)
+    order = random.Random(args.seed + epoch).sample(range(len(run.data)), len(run.data))
+    offset = k * args.batch_size + run.accelerator.process_index * per_rank
+    return [run.data[i] for i in order[offset:offset + per_rank]], offset - k * args.batch_size
+
+
+def hidden_states(run, batch, comps):
+    """Teacher (no grad, adapter off) and student final hidden states at the completion positions, [N, H] each."""
+    with teacher_mode(run.model, run.frozen_teacher) as teacher:
+        h_t = completion_hidden_states(teacher, [b["teacher_ids"] for b in batch], comps, run.pad_id)
+    h_s = completion_hidden_states(run.model, [b["student_ids"] for b in batch], comps, run.pad_id)
+    return h_s, h_t
+
+
+def accumulate_gradients(run, batch: list[dict], rollouts: list, step: int) -> dict:
+    """Teacher and student passes, loss and backward over the step's micro-batches (paper Alg. 1, lines 4-7).
+
+    Leaves the summed gradient of the *global* step loss in the parameters' ``.grad`` (synchronised across
+    processes on the last micro-batch) and returns ``{"loss", "total_tokens", "total_sequences",
+    "weights" [N_local], "stats"}`` with ``loss`` summed over processes.
+    """
+    args, acc, micro, W, W_t = run.args, run.accelerator, run.micro, run.W, run.W_t
+    # The loss normaliser: completion tokens / sequences of the whole step, all processes.
+    lengths_all = torch.tensor([len(r.completion_ids) for r in rollouts])
+    counts = acc.reduce(torch.tensor([lengths_all.sum().item(), len(rollouts)], dtype=torch.float64, device=acc.device), reduction="sum")
+    total_tokens, total_seqs = counts[0].item(), counts[1].item()
+    micro_batches = [(batch[m:m + micro], [r.completion_ids for r in rollouts[m:m + micro]], lengths_all[m:m + micro].to(acc.device))
+                     for m in range(0, len(batch), micro)]
+
+    # Losses that select tokens by statistics of "the batch" (REOPOLD: top-20 % student entropy, and its
+    # normaliser sum(M)) take the batch to be the whole step, all processes -- like total_tokens, so
+    # micro-batching and process count do not change the gradient. That needs every token's statistics
+    # before the first backward: one extra no-grad teacher + student pass.
+    token_stats, step_token_stats = [], None
+    if run.loss_name in L.TOKEN_STATS:
+        with torch.no_grad(), acc.autocast():
+            for mb, comps, _ in micro_batches:
+                h_s, h_t = hidden_states(run, mb, comps)
+                tokens = torch.tensor([t for c in comps for t in c], device=acc.device)
+                token_stats.append(L.TOKEN_STATS[run.loss_name](h_s @ W.T, h_t @ W_t.T, tokens, args))
+        padded = acc.gather(acc.pad_across_processes(torch.cat(token_stats), pad_index=math.nan))
+        step_token_stats = padded[~padded.isnan().any(-1)]  # ranks differ in token count: drop the padding
+
+    step_loss, weights_seen, loss_stats = 0.0, [], {}
+    for m, (mb, comps, lengths) in enumerate(micro_batches):
+        weights = L.WEIGHTINGS[run.weighting](lengths, w_min=args.w_min, tau=args.w_tau, s=args.w_s)
+        coef = L.token_coefficients(lengths, weights, run.reduction, total_tokens, total_seqs)
+        with acc.accumulate(run.model), acc.autocast():
+            h_s, h_t = hidden_states(run, mb, comps)
+            if run.loss_name == "clipped_fkl" and args.loss_impl == "chunked":  # never forms [N, V] logits
+                loss, _ = L.chunked_clipped_fkl(h_s, h_t, W, W_t, coef, args.temperature, args.clip, args.loss_chunk_size)
+                stats = {}
+            else:  # readable path on full logits: the reference, and every other method
+                tokens = torch.tensor([t for c in comps for t in c], device=acc.device)
+                ctx = {"tokens": tokens, "lengths": lengths, "coef": coef, "total_tokens": total_tokens,
+                       "total_sequences": total_seqs, "step": step}
+                if token_stats:
+                    ctx.update(token_stats=token_stats[m], step_token_stats=step_token_stats)
+                loss, stats = L.LOSSES[run.loss_name](h_s @ W.T, h_t @ W_t.T, ctx, args)
+            # `loss` is this micro-batch's share of the *global* step loss. accelerate divides by the
+            # accumulation steps and DDP/DeepSpeed/FSDP average over processes; undo both so the summed
+            # gradient is exactly that of the global loss, however the step is split.
+            acc.backward(loss * run.grad_accum * acc.num_processes)
+        step_loss += loss.item()
+        weights_seen.append(weights.detach())
+        for k, v in stats.items():  # method diagnostics, averaged over micro-batches
+            loss_stats[k] = loss_stats.get(k, 0.0) + v / len(micro_batches)
+    return {"loss": acc.reduce(torch.tensor(step_loss, dtype=torch.float64, device=acc.device), reduction="sum").item(),
+            "total_tokens": total_tokens, "total_sequences": total_seqs, "weights": torch.cat(weights_seen), "stats": loss_stats}
+
+
+def main(argv=None):
+    from tqdm.auto import tqdm
+
+    import evaluate  # the grader (math-verify), for the boxed / correct rates
+
+    args = parse_args(argv)
+    run = setup(args)
+    acc, model, optimizer, scheduler, engine = run.accelerator, run.model, run.optimizer, run.scheduler, run.engine
+    bar = tqdm(range(run.start_step, args.max_steps), initial=run.start_step, total=args.max_steps,
+               disable=not acc.is_main_process, desc="train")
     for step in bar:
         t0 = time.time()
-        # 1. Prompts: a seeded permutation per epoch, cut into global batches; each rank its own slice,
-        #    so data order depends only on (seed, step) -- deterministic and resumable.
-        per_epoch = len(data) // args.batch_size
-        epoch, k = divmod(step, per_epoch)
-        order = random.Random(args.seed + epoch).sample(range(len(data)), len(data))
-        mine = order[k * args.batch_size:][rank * micro * grad_accum:(rank + 1) * micro * grad_accum]
-        batch = [data[i] for i in mine]
+        # 1. This process's prompts (disjoint across processes; a function of (seed, step) only).
+        batch, _ = step_batch(run, step)
 
-        # 2. Rollouts with the current weights (one per prompt). Seeded by (seed, step, rank).
-        roll_seed = args.seed * 1_000_003 + step * 1009 + rank
-        sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.rollout_temperature,
-                        top_p=args.top_p, top_k=args.top_k, seed=roll_seed)
+        # 2. On-policy rollouts with the current weights, one per prompt, seeded by (seed, step, process).
+        sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.rollout_temperature, top_p=args.top_p,
+                        top_k=args.top_k, seed=args.seed * 1_000_003 + step * 1009 + acc.process_index)
         prompts = [b["student_ids"] for b in batch]
         if engine is not None:
             rollouts = R.generate_vllm(engine, prompts, **sampling)
         else:
-            rollouts = R.generate_hf(accelerator.unwrap_model(model), tok, prompts, **sampling)
+            rollouts = R.generate_hf(acc.unwrap_model(model), run.tok, prompts, **sampling)
+        R.vllm_sleep(engine)  # GPU: free the engine's KV cache and weights for the train pass (no-op on CPU)
         t_rollout = time.time() - t0
 
-        # 3. The loss normaliser: completion tokens / sequences of the whole step, all processes.
-        lengths_all = torch.tensor([len(r.completion_ids) for r in rollouts])
-        counts = accelerator.reduce(torch.tensor([lengths_all.sum().item(), len(rollouts)], dtype=torch.float64,
-                                                 device=accelerator.device), reduction="sum")
-        total_tokens, total_seqs = counts[0].item(), counts[1].item()
+        # 3. Privileged teacher and student read the rollouts; clipped forward KL; gradients accumulate.
+        out = accumulate_gradients(run, batch, rollouts, step)
 
-        # 3b. Losses that select tokens by statistics of "the batch" (REOPOLD: top-20 % student entropy, and
-        #     its normaliser sum(M)) take the batch to be the whole step, all processes -- like total_tokens,
-        #     so micro-batching and process count do not change the gradient. That needs every token's
-        #     statistics before the first backward: one extra no-grad teacher + student pass.
-        token_stats, step_token_stats = [], None
-        if loss_name in L.TOKEN_STATS:
-            with torch.no_grad(), accelerator.autocast():
-                for m in range(grad_accum):
-                    idx = range(m * micro, (m + 1) * micro)
-                    comps = [rollouts[i].completion_ids for i in idx]
-                    with teacher_mode(model, frozen_teacher) as teacher:
-                        h_t = completion_hidden_states(teacher, [batch[i]["teacher_ids"] for i in idx], comps, pad_id)
-                        W_t = lm_head_weight(teacher)
-                    h_s = completion_hidden_states(model, [batch[i]["student_ids"] for i in idx], comps, pad_id)
-                    tokens = torch.tensor([t for c in comps for t in c], device=accelerator.device)
-                    token_stats.append(L.TOKEN_STATS[loss_name](h_s @ W.T, h_t @ W_t.T, tokens, args))
-            padded = accelerator.gather(accelerator.pad_across_processes(torch.cat(token_stats), pad_index=math.nan))
-            step_token_stats = padded[~padded.isnan().any(-1)]  # ranks differ in token count: drop the padding
-
-        # 4. Teacher and student passes, micro-batch by micro-batch; gradients accumulate.
-        step_loss, weights_seen, loss_stats = 0.0, [], {}
-        for m in range(grad_accum):
-            idx = range(m * micro, (m + 1) * micro)
-            comps = [rollouts[i].completion_ids for i in idx]
-            lengths = lengths_all[m * micro:(m + 1) * micro].to(accelerator.device)
-            weights = L.WEIGHTINGS[weighting](lengths, w_min=args.w_min, tau=args.w_tau, s=args.w_s)
-            coef = L.token_coefficients(lengths, weights, reduction, total_tokens, total_seqs)
-            with accelerator.accumulate(model), accelerator.autocast():
-                with teacher_mode(model, frozen_teacher) as teacher:
-                    h_t = completion_hidden_states(teacher, [batch[i]["teacher_ids"] for i in idx], comps, pad_id)
-                    W_t = lm_head_weight(teacher)
-                h_s = completion_hidden_states(model, [batch[i]["student_ids"] for i in idx], comps, pad_id)
-                if loss_name == "clipped_fkl" and args.loss_impl == "chunked":  # never forms [N, V] logits
-                    loss, _ = L.chunked_clipped_fkl(h_s, h_t, W, W_t, coef, args.temperature, args.clip, args.loss_chunk_size)
-                    stats = {}
-                else:  # readable path on full logits: the reference, and every other method
-                    tokens = torch.tensor([t for c in comps for t in c], device=accelerator.device)
-                    ctx = {"tokens": tokens, "lengths": lengths, "coef": coef, "total_tokens": total_tokens,
-                           "total_sequences": total_seqs, "step": step}
-                    if token_stats:
-                        ctx.update(token_stats=token_stats[m], step_token_stats=step_token_stats)
-                    loss, stats = L.LOSSES[loss_name](h_s @ W.T, h_t @ W_t.T, ctx, args)
-                # `loss` is this micro-batch's share of the *global* step loss. accelerate divides by the
-                # accumulation steps and DDP/DeepSpeed/FSDP average over processes; undo both so the
-                # summed gradient is exactly that of the global loss.
-                accelerator.backward(loss * grad_accum * world)
-                if accelerator.sync_gradients:  # the last micro-batch of the step
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()  # a no-op until sync_gradients (accelerate's accumulation)
-                optimizer.zero_grad()
-            step_loss += loss.item()
-            weights_seen.append(weights.detach())
-            for k, v in stats.items():  # method diagnostics, averaged over micro-batches
-                loss_stats[k] = loss_stats.get(k, 0.0) + v / grad_accum
-
+        # 4. Optimizer step (DeepSpeed steps and clips inside its backward; then these are no-ops / report).
+        grad_norm = acc.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
         scheduler.step()
 
         # 5. New weights into the rollout engine.
+        t_sync = 0.0
         if engine is not None and (step + 1) % args.vllm_sync_every == 0:
-            R.vllm_sync_weights(engine, model, accelerator)
+            R.vllm_sync_weights(engine, model, acc)
+            t_sync = engine.sync_s[-1]
 
         # 6. Metrics (reduced over processes), log, checkpoint.
-        texts = tok.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
+        texts = run.tok.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
         graded = [evaluate.grade(t, b["answer"]) if b["answer"] else (evaluate.extract_answer(t), False)
                   for t, b in zip(texts, batch)]
-        w_all = torch.cat(weights_seen)
-        local = torch.tensor([step_loss, len(rollouts), sum(r.truncated for r in rollouts),
-                              sum(a is not None for a, _ in graded), sum(c for _, c in graded),
-                              w_all.sum().item(), w_all.numel()], dtype=torch.float64, device=accelerator.device)
-        g = accelerator.reduce(local, reduction="sum").tolist()
-        w_range = accelerator.gather(torch.stack([w_all.min(), w_all.max()])[None])  # [processes, 2]
+        w = out["weights"]
+        local = torch.tensor([len(rollouts), sum(r.truncated for r in rollouts), sum(a is not None for a, _ in graded),
+                              sum(c for _, c in graded), w.sum().item(), w.numel()], dtype=torch.float64, device=acc.device)
+        n, trunc, boxed, correct, w_sum, w_n = acc.reduce(local, reduction="sum").tolist()
+        w_range = acc.gather(torch.stack([w.min(), w.max()])[None])  # [processes, 2]
         dt = time.time() - t0
-        metrics = {"step": step + 1, "loss": g[0], "weight_mean": g[5] / g[6], "weight_min": w_range[:, 0].min().item(),
-                   "weight_max": w_range[:, 1].max().item(), "response_length": total_tokens / total_seqs,
-                   "truncated": g[2] / g[1], "boxed": g[3] / g[1], "correct": g[4] / g[1],
-                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": total_tokens / dt, "rollout_s": t_rollout, "step_s": dt}
-        for k, v in loss_stats.items():
-            metrics[k] = accelerator.reduce(torch.tensor(v, device=accelerator.device), reduction="mean").item()
-        if accelerator.is_main_process:
+        metrics = {"step": step + 1, "loss": out["loss"], "weight_mean": w_sum / w_n, "weight_min": w_range[:, 0].min().item(),
+                   "weight_max": w_range[:, 1].max().item(), "response_length": out["total_tokens"] / n,
+                   "truncated": trunc / n, "boxed": boxed / n, "correct": correct / n,
+                   "grad_norm": float(grad_norm) if grad_norm is not None else math.nan, "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_s": out["total_tokens"] / dt, "rollout_s": t_rollout, "sync_s": t_sync, "step_s": dt}
+        for k, v in out["stats"].items():
+            metrics[k] = acc.reduce(torch.tensor(v, device=acc.device), reduction="mean").item()
+        if acc.is_main_process:
             bar.write(f"step {step + 1:4d} | loss {metrics['loss']:.4f} | w {metrics['weight_mean']:.3f} "
                       f"[{metrics['weight_min']:.2f},{metrics['weight_max']:.2f}] | len {metrics['response_length']:.0f} "
                       f"| trunc {metrics['truncated']:.2f} | boxed {metrics['boxed']:.2f} | correct {metrics['correct']:.2f} "
                       f"| gnorm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:.0f} tok/s | {dt:.1f}s")
             with open(Path(args.output_dir) / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        accelerator.log(metrics, step=step + 1)
+        acc.log(metrics, step=step + 1)
         if (step + 1) % args.save_steps == 0 or step + 1 == args.max_steps:
-            save_checkpoint(accelerator, model, args, step + 1)
-    accelerator.end_training()
+            save_checkpoint(acc, model, args, step + 1)
+    acc.end_training()
     return args.output_dir
 
 
