@@ -439,6 +439,7 @@ def main(argv=None):
         acc.log(metrics, step=step + 1)
         if (step + 1) % args.save_steps == 0 or step + 1 == args.max_steps:
             save_checkpoint(acc, model, args, step + 1)
+    R.vllm_close(engine)  # before end_training() destroys the process group vLLM also uses
     acc.end_training()
     return args.output_dir
 
