@@ -175,12 +175,16 @@ def setup(args: Args) -> SimpleNamespace:
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
     on_gpu = torch.cuda.is_available()
-    world, micro = PartialState().num_processes, args.per_device_train_batch_size
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        print("[train] note: `accelerate launch --cpu --num_processes N` starts ONE process (accelerate's CPU launcher "
+              "needs MPI for more). For N CPU processes: accelerate launch --multi_gpu --num_processes N train.py ...")
+    # cpu=True on a machine without CUDA: torchrun / `accelerate launch --multi_gpu` processes then form a gloo group.
+    world, micro = PartialState(cpu=not on_gpu).num_processes, args.per_device_train_batch_size
     if args.batch_size % (micro * world):
         sys.exit(f"--batch_size {args.batch_size} is not divisible by per_device_train_batch_size x processes "
                  f"= {micro} x {world}")
     grad_accum = args.batch_size // (micro * world)
-    accelerator = Accelerator(mixed_precision="bf16" if (on_gpu and args.bf16) else "no", gradient_accumulation_steps=grad_accum,
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision="bf16" if (on_gpu and args.bf16) else "no", gradient_accumulation_steps=grad_accum,
                               log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir)
     ds = accelerator.state.deepspeed_plugin
     sharded = (ds is not None and ds.zero_stage == 3) or accelerator.distributed_type.name == "FSDP"

@@ -23,7 +23,7 @@ def main():
     run = train.setup(train.parse_args(flags))
     batch, offset = train.step_batch(run, step=0)  # this process's prompts and their index in the step
     rollouts = [Rollout(b["student_ids"], COMPLETIONS[offset + i], truncated=False) for i, b in enumerate(batch)]
-    result = {}
+    result = {"processes": run.accelerator.num_processes}
     for reduction in ("token", "sequence"):
         run.reduction = reduction
         run.optimizer.zero_grad()

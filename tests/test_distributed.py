@@ -19,13 +19,17 @@ def launch(tmp_path, name, processes, micro, model):
              str(micro), "--rollout_backend", "hf", "--lora_r", "4", "--lora_alpha", "8", "--method", "pwopsd",
              "--output_dir", str(tmp_path / name), "--seed", "3"]
     worker = str(ROOT / "tests" / "dist_grad_worker.py")
-    head = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+    # `--multi_gpu` is accelerate's torchrun launcher; on a machine without CUDA train.py joins a gloo group.
+    # (`accelerate launch --cpu --num_processes 2` would start a single process.)
+    head = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"] \
         if processes > 1 else [sys.executable]
     p = subprocess.run(head + [worker, str(out), "--", *flags], cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    return torch.load(out)
+    result = torch.load(out)
+    assert result["processes"] == processes
+    return result
 
 
 @pytest.fixture(scope="module")
