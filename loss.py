@@ -124,10 +124,15 @@ def token_coefficients(lengths: torch.Tensor, weights: torch.Tensor, reduction: 
 # --------------------------------------------------------------------------------------------------
 # Memory-lean path: the same loss from hidden states, chunk by chunk
 # --------------------------------------------------------------------------------------------------
-def _log_softmax_(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """In-place tempered log-softmax of a float32 ``[n, V]`` buffer (saves one buffer over F.log_softmax)."""
-    logits.div_(temperature)
-    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+def _tempered_log_softmax(h: torch.Tensor, w: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(h @ w.T / T)`` written into the float32 buffer ``out`` ``[n, V]`` (no new [n, V] tensor
+    for float32 inputs; 1/T is applied to the small ``[n, H]`` side)."""
+    h = h / temperature
+    if h.dtype == torch.float32 and w.dtype == torch.float32:
+        torch.matmul(h, w.T, out=out)
+    else:  # bf16 / fp16: the matmul runs in that dtype, the softmax in float32
+        out.copy_(h @ w.T)
+    return torch.log_softmax(out, dim=-1, out=out)
 
 
 class _ChunkedClippedFKL(torch.autograd.Function):
@@ -145,31 +150,32 @@ class _ChunkedClippedFKL(torch.autograd.Function):
         grad_w = torch.zeros_like(w_s, dtype=torch.float32) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
         per_token = torch.empty(h_s.shape[0], dtype=torch.float32, device=h_s.device)
+        # Three [chunk, V] float32 buffers (+ a bool mask), allocated once and reused by every chunk: fresh
+        # allocations of this size cost page faults on CPU on every chunk.
+        n_max, V = min(chunk_size, h_s.shape[0]), w_s.shape[0]
+        buf_s, buf_t, buf_p = (torch.empty(n_max, V, dtype=torch.float32, device=h_s.device) for _ in range(3))
+        clipped = torch.empty(n_max, V, dtype=torch.bool, device=h_s.device)
         for a in range(0, h_s.shape[0], chunk_size):
             hs, ht, k = h_s[a : a + chunk_size], h_t[a : a + chunk_size], coef[a : a + chunk_size].float()
-            # At most three [chunk, V] float32 buffers live at once: log_p_s, log_p_t (-> pointwise), p_t.
-            log_p_s = _log_softmax_((hs @ w_s.T).float(), temperature)
-            log_p_t = _log_softmax_((ht @ w_t.T).float(), temperature)
-            p_t = log_p_t.exp()
+            n = hs.shape[0]
+            log_p_s = _tempered_log_softmax(hs, w_s, temperature, buf_s[:n])
+            log_p_t = _tempered_log_softmax(ht, w_t, temperature, buf_t[:n])
+            p_t = torch.exp(log_p_t, out=buf_p[:n])
             pointwise = log_p_t.sub_(log_p_s).mul_(p_t)  # p_T (log p_T - log p_S), in log_p_t's buffer
-            del log_p_t
             if clip > 0:
-                p_t.mul_(pointwise <= clip)  # p_t now holds m_v * p_T(v): clipped entries get no gradient
+                mask = torch.gt(pointwise, clip, out=clipped[:n])
+                p_t.masked_fill_(mask, 0.0)  # p_t now holds m_v * p_T(v): clipped entries get no gradient
                 pointwise.clamp_(max=clip)
             l = pointwise.sum(-1)
-            del pointwise
             per_token[a : a + chunk_size] = l
             total += (k * l).sum()
             if need_h or need_w:
-                g = log_p_s.exp_().mul_(p_t.sum(-1, keepdim=True)).sub_(p_t)  # in log_p_s's buffer
-                del p_t
-                g.mul_((k / temperature)[:, None])
+                g = log_p_s.exp_().mul_(p_t.sum(-1, keepdim=True)).sub_(p_t)  # d l_t / d z_S * T, in log_p_s's buffer
+                scale = (k / temperature)[:, None]  # coef_t / T, applied to the small [n, H] results
                 if need_h:
-                    grad_h[a : a + chunk_size] = (g.to(w_s.dtype) @ w_s).to(h_s.dtype)
+                    grad_h[a : a + chunk_size] = ((g.to(w_s.dtype) @ w_s) * scale).to(h_s.dtype)
                 if need_w:
-                    grad_w.addmm_(g.T, hs.float())
-                del g
-            del log_p_s
+                    grad_w.addmm_(g.T, hs.float() * scale)
         ctx.w_dtype = w_s.dtype
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(per_token)
@@ -195,8 +201,9 @@ def chunked_clipped_fkl(student_hidden: torch.Tensor, teacher_hidden: torch.Tens
             head gets a gradient only if it requires grad (full fine-tuning).
         coef: ``[N]`` from ``token_coefficients`` (weights and reduction).
         temperature, clip: as in ``clipped_forward_kl``.
-        chunk_size: tokens per chunk; peak extra memory ~ 4 x chunk_size x V float32 (3 buffers + one
-            transient inside logsumexp), e.g. 1.2 GB for 512 tokens of Qwen3's 151,936-entry vocabulary.
+        chunk_size: tokens per chunk; peak extra memory ~ 3.25 x chunk_size x V x 4 bytes (three float32
+            buffers and a bool mask, reused by every chunk), e.g. 1.0 GB for 512 tokens of Qwen3's
+            151,936-entry vocabulary.
     Returns:
         ``(loss, per_token)``: scalar float32 with a gradient; ``[N]`` float32 detached per-token l_t.
     Matches ``(coef * clipped_forward_kl(h_s @ W.T, h_t @ W.T)).sum()`` within float32 rounding.
