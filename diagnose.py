@@ -114,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass  # the module docstring verbatim + every flag's default
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter, allow_abbrev=False)
     a = p.add_argument
     a("--model", default="smollm2-135m", help="HF id, local folder, or smollm2-135m")
     a("--dataset", default="demo-arithmetic", help="anything data.load_problems reads (needs solution + answer)")

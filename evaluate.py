@@ -63,7 +63,7 @@ GENERATION_SETTINGS = ("model", "temperature", "top_p", "top_k", "max_new_tokens
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Avg@n / Pass@k / Maj@n of a model or checkpoint on math benchmarks.")
+    p = argparse.ArgumentParser(description="Avg@n / Pass@k / Maj@n of a model or checkpoint on math benchmarks.", allow_abbrev=False)
     p.add_argument("--model", required=True, help="HF id, local folder, smollm2-135m, or a training checkpoint "
                                                    "(LoRA adapter, merged on load)")
     p.add_argument("--tokenizer", default=None, help="default: the model's own, or the adapter's base model's")

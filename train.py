@@ -76,7 +76,8 @@ class Args:
     student_thinking: bool = False
     teacher_thinking: bool = True
     gpu_memory_utilization: float = 0.4
-    vllm_sync_every: int = 1
+    vllm_sync_every: int = field(default=1, metadata={"help": "push weights to vLLM every N optimizer steps (N > 1: "
+                                                       "rollouts come from a policy up to N-1 steps old)"})
     # --- LoRA / optimisation ------------------------------------------------------------------------
     use_lora: bool = True
     lora_r: int = 64
@@ -107,8 +108,11 @@ def parse_args(argv=None) -> Args:
     from transformers import HfArgumentParser
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(Args)
+    argv = [x for a in argv for x in (a.split("=", 1) if a.startswith("--config=") else [a])]
+    parser = HfArgumentParser(Args, allow_abbrev=False)  # `--temp` must not silently mean --temperature
     if "--config" in argv:
+        if argv.index("--config") + 1 >= len(argv):
+            sys.exit("--config: expected a YAML file")
         path = argv[argv.index("--config") + 1]
         if not os.path.isfile(path):
             sys.exit(f"--config: no such file {path}")
@@ -117,7 +121,10 @@ def parse_args(argv=None) -> Args:
         if unknown:
             sys.exit(f"{path}: unknown key(s) {', '.join(unknown)}")
         parser.set_defaults(**cfg)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as e:  # e.g. a misspelled flag
+        sys.exit(f"train.py: {e}")
     checks = [
         (args.method in L.METHODS, f"--method: unknown {args.method!r} ({', '.join(L.METHODS)})"),
         (args.weighting in (None, *L.WEIGHTINGS), f"--weighting: unknown {args.weighting!r} ({', '.join(L.WEIGHTINGS)})"),
@@ -128,6 +135,9 @@ def parse_args(argv=None) -> Args:
         (args.report_to in ("none", "tensorboard", "wandb", "trackio"), f"--report_to: unknown {args.report_to!r}"),
         (args.batch_size > 0 and args.per_device_train_batch_size > 0, "--batch_size and --per_device_train_batch_size must be > 0"),
         (args.max_new_tokens > 0 and args.loss_chunk_size > 0, "--max_new_tokens and --loss_chunk_size must be > 0"),
+        (args.temperature > 0 and args.rollout_temperature >= 0, "--temperature must be > 0 and --rollout_temperature >= 0"),
+        (args.max_steps > 0 and args.save_steps > 0 and args.vllm_sync_every > 0,
+         "--max_steps, --save_steps and --vllm_sync_every must be > 0"),
         (args.eopd_top_k > 0 and args.eopd_clip_eps >= 0, "--eopd_top_k must be > 0 and --eopd_clip_eps >= 0"),
         (0 < args.reopold_lambda < 1 and 0 < args.reopold_entropy_top <= 1,
          "--reopold_lambda must be in (0, 1) and --reopold_entropy_top in (0, 1]"),
@@ -242,6 +252,7 @@ def setup(args: Args) -> SimpleNamespace:
         frozen_teacher = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
     if on_gpu and args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # from_pretrained returns eval mode; checkpointing and dropout act only in train mode
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps)
@@ -272,11 +283,17 @@ def setup(args: Args) -> SimpleNamespace:
     if backend == "vllm":
         run.engine = R.vllm_engine(accelerator.unwrap_model(model), model_path, args, accelerator)
     if resume:
-        accelerator.load_state(resume, strict=False)
+        # The checkpoint holds only the trainable weights: load non-strictly (DeepSpeed names the flag differently).
+        accelerator.load_state(resume, **({"load_module_strict": False} if ds is not None else {"strict": False}))
         run.start_step = json.loads((Path(resume) / "trainer_state.json").read_text())["step"]
         if run.engine is not None:
             R.vllm_sync_weights(run.engine, model, accelerator)
         accelerator.print(f"[train] resumed from {resume} at step {run.start_step}")
+        log = Path(args.output_dir) / "metrics.jsonl"
+        if accelerator.is_main_process and log.is_file():  # drop steps logged after that checkpoint (re-run now)
+            kept = [l for l in log.read_text().splitlines(keepends=True) if l.strip() and json.loads(l)["step"] <= run.start_step]
+            log.with_suffix(".tmp").write_text("".join(kept))
+            log.with_suffix(".tmp").rename(log)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     if args.report_to != "none":

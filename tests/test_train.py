@@ -39,6 +39,8 @@ def test_resume_gives_the_same_losses(tiny_model_dir, tmp_path):
     assert {"adapter", "trainer_state.json", "optimizer.bin"} <= set(os.listdir(ck))
     assert os.path.isfile(os.path.join(ck, "adapter", "adapter_model.safetensors"))
     assert os.path.getsize(os.path.join(ck, "model.safetensors")) < 1_000_000  # adapter only, not the base model
+    with open(os.path.join(split, "metrics.jsonl"), "a") as f:  # a step logged after the checkpoint, then a crash
+        f.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
     p = run_train(*tiny_args(tiny_model_dir, split, max_steps=4, resume_from_checkpoint="latest"))
     assert "resumed from" in p.stdout + p.stderr
     a, b = losses(full), losses(split)
@@ -56,6 +58,9 @@ def test_resume_gives_the_same_losses(tiny_model_dir, tmp_path):
     (["--batch_size", "6", "--per_device_train_batch_size", "4"], "--batch_size 6 is not divisible"),
     (["--dataset", "missing.jsonl"], "missing.jsonl: no such file"),
     (["--resume_from_checkpoint", "/nonexistent"], "--resume_from_checkpoint: no such folder"),
+    (["--max_stesp", "2"], "arguments are not used by the HfArgumentParser: ['--max_stesp', '2']"),
+    (["--temp", "0.7"], "arguments are not used"),  # no abbreviations: --temp is not --temperature
+    (["--temperature", "0"], "--temperature must be > 0"),
 ])
 def test_bad_input_fails_in_one_line(tiny_model_dir, tmp_path, extra, message):
     p = run_train(*tiny_args(tiny_model_dir, str(tmp_path / "o"), max_steps=1), *extra, check=False)
