@@ -80,12 +80,13 @@ import os
 import random
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from evaluate import stable_seed  # 31-bit seed from parts, the same in every process and run
 
 # Orientation of every score, fixed before any data is seen: +1 = higher score -> "reliable" predicted,
 # -1 = higher score -> "unreliable" predicted. The oriented AUROC is the AUROC of orientation * score.
@@ -180,11 +181,6 @@ def _vllm_importable() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
-
-
-def stable_seed(*parts) -> int:
-    """31-bit seed from ``parts``, the same in every process and run (unlike ``hash``)."""
-    return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
 # --------------------------------------------------------------------------------------------------
