@@ -562,8 +562,11 @@ def main(argv=None) -> dict:
         sys.exit(f"--dataset: {e.args[0] if e.args else e}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    path = resolve_model(args.model)
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        path = resolve_model(args.model)
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # unknown id / offline / bad path: one line, not a traceback
+        sys.exit(f"--model {args.model}: cannot load ({str(e).splitlines()[0]})")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32}.get(args.dtype, getattr(torch, args.dtype, None))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()

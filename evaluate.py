@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import os
 import re
 import statistics
@@ -546,7 +547,10 @@ def main(argv=None) -> dict:
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(a.model, a.tokenizer))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(a.model, a.tokenizer))
+    except OSError as e:  # unknown id / offline: one line, not a traceback
+        sys.exit(f"--model {a.model}: cannot load ({str(e).splitlines()[0]})")
     model = llm = None
     if have < total or a.save_merged:
         model_path, adapter = resolve_checkpoint(a.model)
