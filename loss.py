@@ -349,9 +349,3 @@ METHODS = {
     "reopold": ("reopold", "uniform", "token"),        # REOPOLD baseline (arXiv:2603.11137); own sum(M) normaliser
     "sampled_rkl": ("sampled_rkl", "uniform", "token"),  # sampled-token reverse KL (policy gradient)
 }
-
-
-def mean_weight_stats(weights: torch.Tensor) -> dict:
-    if weights.numel() == 0:
-        return {"weight_mean": math.nan, "weight_min": math.nan, "weight_max": math.nan}
-    return {"weight_mean": weights.mean().item(), "weight_min": weights.min().item(), "weight_max": weights.max().item()}
