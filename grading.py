@@ -29,8 +29,9 @@ grading process, shared by its threads under a lock) and is given ``timeout`` se
 time; a comparison that takes longer -- a tower of powers holds the GIL inside one C call, so no
 signal or thread can stop it in-process -- is graded wrong, counted in ``STATS["timeouts"]``, and the
 worker is killed and restarted on the next call. Inside the worker, math-verify's own alarm stops
-each parse / verify after half the budget (at least 1 s), which usually ends a slow case without a restart. This works from any thread and any process (a
-daemonic multiprocessing worker included, since the worker is a plain subprocess).
+each parse / verify after half the budget (at least 1 s), which usually ends a slow case without a
+restart (also counted). This works from any thread and any process (a daemonic multiprocessing worker
+included, since the worker is a plain subprocess); concurrent callers wait for each other.
 """
 from __future__ import annotations
 
@@ -285,18 +286,17 @@ def _serve():
 _state = {"pid": None, "proc": None, "lock": None}
 
 
-def _read_line(fd: int, deadline: float | None) -> bytes | None:
-    """One ``\\n``-terminated line from ``fd``; ``None`` on end of file or when ``deadline`` passes."""
+def _read_line(fd: int, deadline: float) -> bytes | None:
+    """One line from ``fd``: ``None`` when ``deadline`` passes first; what came before end of file
+    (without its ``\n``) when the writer died."""
     data = b""
     while not data.endswith(b"\n"):
-        wait = None if deadline is None else deadline - time.monotonic()
-        if wait is not None and wait <= 0:
-            return None
-        if not select.select([fd], [], [], wait)[0]:
+        wait = deadline - time.monotonic()
+        if wait <= 0 or not select.select([fd], [], [], wait)[0]:
             return None
         chunk = os.read(fd, 4096)
         if not chunk:
-            return None
+            return data
         data += chunk
     return data
 
@@ -315,6 +315,7 @@ def _owned() -> threading.Lock:
     """The lock of this process's worker; after a fork the parent's worker (and lock state) is not ours."""
     if _state["pid"] != os.getpid():
         _state.update(pid=os.getpid(), proc=None, lock=threading.Lock())
+        STATS.update(dict.fromkeys(STATS, 0))
     return _state["lock"]
 
 

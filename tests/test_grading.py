@@ -264,7 +264,7 @@ def test_a_power_tower_from_another_thread_returns_within_the_timeout():
     t.start()
     t.join(30)
     assert not t.is_alive()
-    assert time.monotonic() - start < 2 + 1.5  # about the timeout (worker restart not included)
+    assert time.monotonic() - start < 2 + 2  # about the timeout (slack for a loaded machine)
     assert out["r"] == ("2^{2^{2^{2^{2^{2}}}}}", False)
     assert G.STATS["timeouts"] == before + 1
     assert G.grade("\\boxed{\\frac12}", "0.5") == ("\\frac12", True)  # grading goes on afterwards
@@ -278,7 +278,7 @@ def test_a_worker_that_never_answers_is_killed_and_replaced():
     os.kill(proc.pid, signal.SIGSTOP)
     start = time.monotonic()
     assert G.grade("\\boxed{17}", "17", timeout=1) == ("17", False)
-    assert time.monotonic() - start < 1 + 1.0
+    assert time.monotonic() - start < 1 + 2
     assert proc.poll() is not None  # killed
     assert G.STATS["timeouts"] == before + 1
     assert G.grade("\\boxed{17}", "18") == ("17", False) and G.grade("\\boxed{19}", "19") == ("19", True)
@@ -299,7 +299,7 @@ def test_grading_in_a_daemonic_worker_process():
     *result, stats = queue.get(timeout=60)
     child.join(10)
     assert result == [("2^{2^{2^{2^{2^{2}}}}}", False), ("0.5", True)]
-    assert stats["starts"] == 1 and stats["timeouts"] == 1 and stats["calls"] == 2
+    assert stats["timeouts"] == 1 and stats["calls"] == 2 and stats["starts"] >= 1  # its own counts
     assert G.grade("\\boxed{2}", "2") == ("2", True)  # the parent's worker is untouched
 
 
@@ -311,3 +311,12 @@ def test_bad_timeout():
 def test_stable_seed():
     assert G.stable_seed("x", 1, 2) == G.stable_seed("x", 1, 2) != G.stable_seed("x", 2, 1)
     assert 0 <= G.stable_seed("anything") < 2 ** 31
+
+
+def test_a_dead_worker_is_replaced_before_the_next_comparison():
+    G.grade("\\boxed{1}", "1")
+    proc, starts, crashes = G._state["proc"], G.STATS["starts"], G.STATS["crashes"]
+    proc.kill()
+    proc.wait()
+    assert G.grade("\\boxed{23}", "23") == ("23", True)
+    assert G.STATS["starts"] == starts + 1 and G.STATS["crashes"] == crashes  # noticed before sending
