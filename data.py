@@ -30,9 +30,17 @@ import shutil
 from pathlib import Path
 
 DEFAULT_DATASET = "siyanzhao/Openthoughts_math_30k_opsd"
-PROBLEM_FIELDS = ("problem", "question", "Problem", "Question")
-SOLUTION_FIELDS = ("solution", "reason", "Solution", "reasoning", "generated_solution")
-ANSWER_FIELDS = ("answer", "Answer", "final_answer", "expected_answer")
+# Candidate columns, in order of preference. A dotted name reads a nested field (verl's
+# ``reward_model.ground_truth``); a chat column (a list of {"role", "content"} messages: ``messages``, or
+# TRL's conversational ``prompt`` / ``completion``) gives its user message as the problem and its last
+# assistant message as the solution.
+PROBLEM_FIELDS = ("problem", "question", "Problem", "Question", "prompt", "query", "messages", "conversations")
+SOLUTION_FIELDS = ("solution", "reason", "Solution", "reasoning", "generated_solution", "response", "output",
+                   "completion", "generation", "messages", "conversations")
+ANSWER_FIELDS = ("answer", "Answer", "final_answer", "expected_answer", "reward_model.ground_truth",
+                 "extra_info.answer", "extra_info.ground_truth")
+_USER, _ASSISTANT = ("user", "human"), ("assistant", "gpt", "model", "bot")
+_announced: set = set()  # (source, columns) already printed by load_problems
 DEMO_MODEL = "smollm2-135m"
 
 
@@ -139,13 +147,49 @@ def _read_rows(source: str, split: str) -> list[dict]:
     return list(datasets.load_dataset(source, split=split))
 
 
-def _pick(columns, wanted: str | None, candidates, what: str, source: str, required: bool):
+def _columns(row: dict, prefix: str = "") -> set[str]:
+    """The row's keys, plus ``key.sub`` for the fields of nested dicts (any depth)."""
+    out = set()
+    for k, v in row.items():
+        out.add(prefix + k)
+        if isinstance(v, dict):
+            out |= _columns(v, f"{prefix}{k}.")
+    return out
+
+
+def _get(row: dict, field: str | None):
+    """Value of ``field`` (dotted = nested) in ``row``; ``None`` when absent."""
+    if field is None:
+        return None
+    if field in row:
+        return row[field]
+    head, _, rest = field.partition(".")
+    return _get(row[head], rest) if rest and isinstance(row.get(head), dict) else None
+
+
+def _text(value, roles) -> str:
+    """A field as text: a chat (list of messages) gives its first message by one of ``roles`` (user)
+    or its last (assistant); a list of plain values is joined with ", " (several answers)."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # parquet lists are numpy arrays
+        value = value.tolist()
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        said = [m.get("content", m.get("value")) for m in value if m.get("role", m.get("from")) in roles]
+        said = [str(c) for c in said if c is not None]
+        return (said[0] if roles == _USER else said[-1]).strip() if said else ""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v).strip() for v in value)
+    return "" if value is None else str(value).strip()
+
+
+def _pick(columns, wanted: str | None, candidates, what: str, source: str, required: bool, taken=()):
+    """The column to read ``what`` from: ``wanted`` if given (must exist), else the first candidate present
+    that is not in ``taken`` (a chat column may serve as problem and solution, nothing else may)."""
     if wanted:
         if wanted not in columns:
             raise KeyError(f"{source}: no {what} field {wanted!r}; columns are {sorted(columns)}")
         return wanted
     for c in candidates:
-        if c in columns:
+        if c in columns and (c not in taken or c in ("messages", "conversations")):
             return c
     if required:
         flag = f"--{what}_field"
@@ -173,8 +217,17 @@ def load_problems(source: str = DEFAULT_DATASET, split: str = "train", *, proble
         KeyError: a required field is missing (message names the source and its columns).
         FileNotFoundError / ValueError: unreadable local file.
 
+    Layouts read (columns auto-detected from the first record among ``PROBLEM_FIELDS`` /
+    ``SOLUTION_FIELDS`` / ``ANSWER_FIELDS``; the choice is printed once per source):
+      * flat columns: ``problem``/``question`` + ``solution``/``response``/``output``/``completion``/
+        ``generated_solution``/... + ``answer``/``final_answer``/``expected_answer``/...;
+      * chat rows: ``messages`` (or ShareGPT ``conversations``) -- first user message = problem, last
+        assistant message = solution; TRL prompt/completion rows, as strings or as message lists;
+      * nested answers: verl's ``reward_model.ground_truth`` (``extra_info.answer`` as a fallback);
+        any dotted name can be forced, e.g. ``answer_field="extra_info.answer"``;
+      * GSM8K's worked ``... #### N`` format in the answer or solution column.
+    When there is no answer field the answer is the last ``\\boxed{}`` of the solution (``data.last_boxed``).
     Records with an empty problem (or an empty solution when required) are skipped and counted.
-    When there is no answer field the answer is the last ``\\boxed{}`` of the solution.
     """
     if source == "demo-arithmetic":
         rows = demo_arithmetic(max(limit or 2000, 1), seed)
@@ -182,29 +235,41 @@ def load_problems(source: str = DEFAULT_DATASET, split: str = "train", *, proble
     rows = _read_rows(source, split)
     if not rows:
         raise ValueError(f"{source}: no records")
-    cols = set(rows[0].keys())
+    cols = _columns(rows[0])
     pf = _pick(cols, problem_field, PROBLEM_FIELDS, "problem", source, True)
     gsm8k = not solution_field and not answer_field and pf == "question" and "answer" in cols and \
         not any(c in cols for c in SOLUTION_FIELDS) and "####" in str(rows[0]["answer"])
     sf = af = None
     if not gsm8k:
-        sf = _pick(cols, solution_field, SOLUTION_FIELDS, "solution", source, require_solution)
-        af = _pick(cols, answer_field, ANSWER_FIELDS, "answer", source, False)
+        sf = _pick(cols, solution_field, SOLUTION_FIELDS, "solution", source, require_solution, taken=(pf,))
+        af = _pick(cols, answer_field, ANSWER_FIELDS, "answer", source, False, taken=(pf, sf))
         if require_answer and af is None and sf is None:
             _pick(cols, None, ANSWER_FIELDS, "answer", source, True)  # raises with the columns
+    if verbose and (source, pf, sf, af) not in _announced:  # once per source and layout
+        _announced.add((source, pf, sf, af))
+        chat = lambda f, who: f"{f!r} ({who} message)" if f and isinstance(_get(rows[0], f), list) else repr(f)
+        boxed = "the last \\boxed{} of the solution" if sf else "-"
+        used = ("solution and answer <- 'answer' (GSM8K '#### N')" if gsm8k else
+                f"solution <- {chat(sf, 'last assistant') if sf else '-'}, answer <- {repr(af) if af else boxed}")
+        print(f"[data] {source}: problem <- {chat(pf, 'user')}, {used}")
     out, skipped = [], 0
     for i, r in enumerate(rows):
-        problem = str(r.get(pf) or "").strip()
+        problem = _text(_get(r, pf), _USER)
         if gsm8k:
             solution, answer = split_gsm8k(str(r.get("answer") or ""))
         else:
-            solution = str(r.get(sf) or "").strip() if sf else ""
-            answer = r.get(af) if af else None
-            answer = str(answer).strip() if answer not in (None, "") else last_boxed(solution)
+            solution = _text(_get(r, sf), _ASSISTANT) if sf else ""
+            answer = _text(_get(r, af), _ASSISTANT) if af else ""
+            if "####" in solution:  # GSM8K's worked format in any solution column
+                solution, final = split_gsm8k(solution)
+                answer = answer or final
+            answer = split_gsm8k(answer)[1] if "####" in answer else answer
+            answer = answer or last_boxed(solution)
         if not problem or (require_solution and not solution) or (require_answer and not answer):
             skipped += 1
             continue
-        rid = r.get("id", r.get("unique_id", r.get("problem_id", i)))
+        rid = next((v for v in map(lambda f: _get(r, f), ("id", "unique_id", "problem_id", "extra_info.index"))
+                    if v is not None), i)
         out.append({"id": str(rid), "problem": problem, "solution": solution, "answer": answer})
         if limit and len(out) >= limit:
             break

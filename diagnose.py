@@ -86,7 +86,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evaluate import stable_seed  # 31-bit seed from parts, the same in every process and run
+from grading import stable_seed  # 31-bit seed from parts, the same in every process and run
 
 # Orientation of every score, fixed before any data is seen: +1 = higher score -> "reliable" predicted,
 # -1 = higher score -> "unreliable" predicted. The oriented AUROC is the AUROC of orientation * score.
@@ -548,7 +548,7 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from data import load_problems, resolve_model
-    from evaluate import grade
+    from grading import grade
     from rollout import encode, stop_token_ids, student_prompt
     from teacher import lm_head_weight, teacher_prompt
 

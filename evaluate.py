@@ -12,9 +12,7 @@ samples, then over the problems; that is repeated for seeds 0, 1, 2 and reported
 Benchmarks: ``math500``, ``aime24``, ``aime25``, ``hmmt25`` (Hub) or any local ``.jsonl`` / ``.json`` /
 ``.parquet`` file (fields detected by ``data.load_problems``; GSM8K's ``#### N`` answers understood).
 
-Grading (``grade``): the answer is the content of the response's last ``\\boxed{...}``; it is compared
-with the reference by math-verify (``parse`` + ``verify``). Only when math-verify cannot parse one
-side at all do we fall back to a normalised string comparison. No box, or an empty box, is wrong.
+Grading: ``grading.grade`` (math-verify; what it accepts is in grading.py's docstring).
 
 Metrics, per benchmark and seed, from the n graded samples of each problem:
   * Avg@n  -- mean correctness over the samples, then over the problems;
@@ -42,13 +40,11 @@ import sys
 import os
 import re
 import statistics
-import threading
 import time
-import zlib
-from functools import lru_cache
 from pathlib import Path
 
-from data import last_boxed, load_problems, resolve_model, split_gsm8k
+from data import load_problems, resolve_model
+from grading import grade, majority_correct, stable_seed
 from rollout import encode, render_chat
 
 BENCHMARKS = {  # name -> (Hub dataset, split)
@@ -101,93 +97,6 @@ def fail(message: str):
 
 
 # --------------------------------------------------------------------------------------------------
-# Grading
-# --------------------------------------------------------------------------------------------------
-def extract_answer(response: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` of ``response`` (nested braces and ``\\boxed 5`` handled).
-
-    Returns ``None`` when there is no (closed) box and ``""`` for an empty box; both grade as wrong.
-    """
-    return last_boxed(response)
-
-
-def _normalise(answer: str) -> str:
-    """Loose string form used only when math-verify cannot parse an answer at all."""
-    s = answer.strip().strip("$").strip()
-    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
-    s = re.sub(r"\\(?:left|right|displaystyle|!|,|;|:)", "", s)
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = re.sub(r"\s+", "", s).rstrip(".").lower()
-    return s
-
-
-def _timeout(seconds: int) -> int | None:
-    # math-verify times out with signal.alarm, which only works in the main thread of the main
-    # interpreter; elsewhere (a grading thread of a trainer) it would raise, so we run without.
-    return seconds if threading.current_thread() is threading.main_thread() else None
-
-
-@lru_cache(maxsize=1 << 16)
-def _parse(answer: str, timeout: int | None) -> tuple:
-    """math-verify parse of a bare answer (``"\\frac12"``), cached: references and votes repeat a lot.
-
-    The answer is boxed so that math-verify reads exactly this expression; if that finds nothing, it is
-    tried as inline math. Returns ``()`` when it cannot be parsed.
-    """
-    from math_verify import parse
-
-    answer = answer.strip().replace("\\varnothing", "\\emptyset")
-    if not answer:
-        return ()
-    if "\\boxed" in answer:
-        candidates = [answer]
-    else:
-        candidates = [f"\\boxed{{{answer}}}", answer if answer.startswith("$") else f"${answer}$"]
-    for text in candidates:
-        parsed = parse(text, parsing_timeout=timeout)
-        if parsed:
-            return tuple(parsed)
-    return ()
-
-
-def _equivalent(gold: str, pred: str, timeout: int) -> bool:
-    """math-verify equivalence of two bare answers; normalised string equality if either fails to parse."""
-    from math_verify import verify
-
-    t = _timeout(timeout)
-    g, p = _parse(gold, t), _parse(pred, t)
-    if g and p:
-        try:
-            return bool(verify(list(g), list(p), timeout_seconds=t))
-        except Exception:  # math-verify raises only on odd inputs; a grader must not crash an eval
-            return False
-    return _normalise(gold) != "" and _normalise(gold) == _normalise(pred)
-
-
-def grade(response: str, reference: str, timeout: int = 5) -> tuple[str | None, bool]:
-    """Grade one response against a reference answer.
-
-    Args:
-        response: the model's text; its last ``\\boxed{}`` is the answer.
-        reference: a bare answer (``"\\frac{1}{2}"``, ``"72"``) or a GSM8K answer ending in ``#### 72``.
-        timeout: seconds per math-verify parse / verify (only enforced in the main thread).
-    Returns:
-        ``(extracted answer or None, correct)``. No box or an empty box is ``(None | "", False)``.
-    Raises:
-        ValueError: empty reference.
-    """
-    if reference is None or not str(reference).strip():
-        raise ValueError("grade: empty reference answer")
-    reference = str(reference)
-    if "####" in reference:
-        reference = split_gsm8k(reference)[1]
-    answer = extract_answer(response)
-    if answer is None or not answer.strip():
-        return answer, False
-    return answer, _equivalent(reference, answer, timeout)
-
-
-# --------------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------------
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -206,31 +115,6 @@ def pass_ks(n: int) -> list[int]:
     """k = 1, 2, 4, ... below n, and n itself."""
     ks = [1 << i for i in range(n.bit_length()) if (1 << i) < n]
     return ks + [n]
-
-
-def majority_correct(answers: list[str | None], correct: list[bool], timeout: int = 5) -> float:
-    """Maj@n of one problem: 1.0 / 0.0 when one cluster wins, a fraction on a tie.
-
-    ``answers`` are extracted answers (``None`` / ``""`` = unboxed, the invalid cluster); clusters join
-    math-equivalent answers, and a cluster is correct when its first member was graded correct.
-    """
-    clusters: list[list] = []  # [representative answer, size, correct]
-    invalid = 0
-    for a, ok in zip(answers, correct):
-        if a is None or not a.strip():
-            invalid += 1
-            continue
-        for cl in clusters:
-            if a == cl[0] or _equivalent(cl[0], a, timeout):
-                cl[1] += 1
-                break
-        else:
-            clusters.append([a, 1, bool(ok)])
-    top = max([cl[1] for cl in clusters] + [invalid])
-    if top == 0:
-        return 0.0
-    winners = [cl[2] for cl in clusters if cl[1] == top] + ([False] if invalid == top else [])
-    return sum(winners) / len(winners)
 
 
 def benchmark_metrics(problems: list[list[dict]], n: int, timeout: int = 5) -> dict[str, float]:
@@ -393,11 +277,6 @@ def load_model(model: str, dtype: str = "auto", device: str | None = None):
 # --------------------------------------------------------------------------------------------------
 # Generation: one call = the n samples of each of a few problems, seeded by the call's grid position
 # --------------------------------------------------------------------------------------------------
-def stable_seed(*parts) -> int:
-    """A 31-bit seed from ``parts`` that is the same in every process (unlike ``hash``)."""
-    return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
-
-
 def sample_hf(model, tokenizer, prompts: list[list[int]], n: int, seed: int, a) -> list[list[dict]]:
     """``n`` samples of each prompt in one seeded ``generate`` call -> ``[len(prompts)][n]`` dicts
     ``{"response", "num_tokens", "truncated"}``. Same prompts and seed -> same samples."""

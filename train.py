@@ -395,7 +395,7 @@ def accumulate_gradients(run, batch: list[dict], rollouts: list, step: int) -> d
 def main(argv=None):
     from tqdm.auto import tqdm
 
-    import evaluate  # the grader (math-verify), for the boxed / correct rates
+    import grading  # the grader (math-verify), for the boxed / correct rates
 
     args = parse_args(argv)
     run = setup(args)
@@ -435,7 +435,7 @@ def main(argv=None):
 
         # 6. Metrics (reduced over processes), log, checkpoint.
         texts = run.tok.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
-        graded = [evaluate.grade(t, b["answer"]) if b["answer"] else (evaluate.extract_answer(t), False)
+        graded = [grading.grade(t, b["answer"]) if b["answer"] else (grading.extract_answer(t), False)
                   for t, b in zip(texts, batch)]
         w = out["weights"]
         local = torch.tensor([len(rollouts), sum(r.truncated for r in rollouts), sum(a is not None for a, _ in graded),

@@ -85,3 +85,86 @@ def test_demo_arithmetic_is_seeded_and_self_consistent():
 ])
 def test_last_boxed(text, expected):
     assert last_boxed(text) == expected
+
+
+# --------------------------------------------------------------------------------------------------
+# Layouts people pass around: each written as a small file, each asserting the loaded values
+# --------------------------------------------------------------------------------------------------
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("column", ["response", "output", "completion", "generated_solution", "generation"])
+def test_a_response_column_is_the_solution_and_its_last_box_the_answer(tmp_path, capsys, column):
+    path = _jsonl(tmp_path / "r.jsonl", [{"question": "Half of 1?", column: "1/2, so \\boxed{\\frac{1}{2}}"},
+                                         {"question": "Two boxes?", column: "\\boxed{3} then \\boxed{4}."}])
+    rows = load_problems(path, require_answer=True)
+    assert [(r["problem"], r["solution"], r["answer"]) for r in rows] == [
+        ("Half of 1?", "1/2, so \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"), ("Two boxes?", "\\boxed{3} then \\boxed{4}.", "4")]
+    load_problems(path, require_answer=True)  # the detected columns are printed once per source
+    out = capsys.readouterr().out
+    assert out.count("[data]") == 1
+    assert f"problem <- 'question', solution <- '{column}', answer <- the last \\boxed{{}} of the solution" in out
+
+
+def test_chat_rows(tmp_path):
+    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": " What is 2+2? "},
+        {"role": "assistant", "content": "Draft: \\boxed{5}"}, {"role": "user", "content": "Check it."},
+        {"role": "assistant", "content": "2+2=4, so \\boxed{4}."}]}])
+    assert load_problems(path) == [{"id": "0", "problem": "What is 2+2?", "solution": "2+2=4, so \\boxed{4}.",
+                                    "answer": "4"}]
+    sharegpt = _jsonl(tmp_path / "sharegpt.jsonl", [{"id": "s1", "conversations": [
+        {"from": "human", "value": "What is 3*3?"}, {"from": "gpt", "value": "3*3=9: \\boxed{9}"}]}])
+    assert load_problems(sharegpt) == [{"id": "s1", "problem": "What is 3*3?", "solution": "3*3=9: \\boxed{9}",
+                                        "answer": "9"}]
+
+
+def test_prompt_completion_rows_as_text_and_as_messages(tmp_path, capsys):
+    text = _jsonl(tmp_path / "pc.jsonl", [{"prompt": "What is 6/2?", "completion": "6/2 = \\boxed{3}"}])
+    assert [(r["problem"], r["solution"], r["answer"]) for r in load_problems(text)] == [
+        ("What is 6/2?", "6/2 = \\boxed{3}", "3")]
+    chat = _jsonl(tmp_path / "pc_chat.jsonl", [{"prompt": [{"role": "user", "content": "What is 7-2?"}],
+                                                "completion": [{"role": "assistant", "content": "\\boxed{5}"}],
+                                                "answer": 5}])
+    assert [(r["problem"], r["solution"], r["answer"]) for r in load_problems(chat)] == [
+        ("What is 7-2?", "\\boxed{5}", "5")]
+    assert "problem <- 'prompt' (user message), solution <- 'completion' (last assistant message), answer <- 'answer'" \
+        in capsys.readouterr().out
+
+
+def _verl_row(i, question, truth, worked):
+    return {"data_source": "openai/gsm8k", "ability": "math",
+            "prompt": [{"role": "user", "content": question + " Let's think step by step."}],
+            "reward_model": {"style": "rule", "ground_truth": truth},
+            "extra_info": {"split": "train", "index": i, "answer": worked, "question": question}}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_verl_rows_with_a_nested_answer(tmp_path, suffix):
+    rows = [_verl_row(7, "Tom has 3 apples and buys 4. How many?", "7", "3 + 4 = <<3+4=7>>7\n#### 7"),
+            _verl_row(8, "What is 10 - 1?", "9", "10 - 1 = <<10-1=9>>9\n#### 9")]
+    path = tmp_path / f"verl{suffix}"
+    if suffix == ".parquet":
+        import pandas as pd
+
+        pd.DataFrame(rows).to_parquet(path)
+    else:
+        _jsonl(path, rows)
+    got = load_problems(str(path), require_solution=False, require_answer=True)
+    assert [(r["id"], r["problem"], r["answer"], r["solution"]) for r in got] == [
+        ("7", "Tom has 3 apples and buys 4. How many? Let's think step by step.", "7", ""),
+        ("8", "What is 10 - 1? Let's think step by step.", "9", "")]
+    # The worked GSM8K answer inside extra_info can be the teacher's solution (notes and "#### N" removed).
+    got = load_problems(str(path), solution_field="extra_info.answer")
+    assert [(r["solution"], r["answer"]) for r in got] == [("3 + 4 = 7", "7"), ("10 - 1 = 9", "9")]
+    with pytest.raises(KeyError, match=r"no solution field 'extra_info.sol'; columns are .*'reward_model.ground_truth'"):
+        load_problems(str(path), solution_field="extra_info.sol")
+
+
+def test_nested_answer_fallbacks_and_list_answers(tmp_path):
+    path = _jsonl(tmp_path / "n.jsonl", [
+        {"problem": "Roots of x^2-8x+15?", "solution": "x = 3 or 5", "extra_info": {"answer": ["3", "5"]}},
+        {"problem": "GSM-style?", "solution": "1 + 1 = 2", "extra_info": {"answer": "1 + 1 = <<1+1=2>>2\n#### 2"}}])
+    assert [r["answer"] for r in load_problems(path)] == ["3, 5", "2"]
