@@ -7,7 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared" / "data"
+FIXTURES = ROOT / "tests" / "fixtures"  # small real-format files (never ../shared: users' clones lack it)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

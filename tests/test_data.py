@@ -3,12 +3,12 @@ import json
 
 import pytest
 
-from conftest import SHARED
+from conftest import FIXTURES
 from data import demo_arithmetic, last_boxed, load_problems, split_gsm8k
 
 
 def test_gsm8k_original_format():
-    rows = load_problems(str(SHARED / "gsm8k" / "train.jsonl"), limit=3)
+    rows = load_problems(str(FIXTURES / "gsm8k_train.jsonl"), limit=3)
     r = rows[0]
     assert r["problem"].startswith("Natalia sold clips")
     assert r["answer"] == "72"
@@ -22,15 +22,15 @@ def test_gsm8k_answer_with_thousands_separator():
 
 
 def test_aime_jsonl_needs_no_solution_for_evaluation():
-    rows = load_problems(str(SHARED / "aime24" / "test.jsonl"), require_solution=False, require_answer=True)
-    assert len(rows) == 30
+    rows = load_problems(str(FIXTURES / "aime_format.jsonl"), require_solution=False, require_answer=True)
+    assert len(rows) == 3
     assert all(r["answer"] and r["problem"] for r in rows)
     assert rows[0]["problem"].rstrip().endswith("\\boxed{}.")
 
 
 def test_aime_for_training_reports_missing_solution_field():
-    with pytest.raises(KeyError, match=r"aime24/test.jsonl: no solution field .*columns are \['answer', 'problem'\]"):
-        load_problems(str(SHARED / "aime24" / "test.jsonl"))
+    with pytest.raises(KeyError, match=r"aime_format.jsonl: no solution field .*columns are \['answer', 'problem'\]"):
+        load_problems(str(FIXTURES / "aime_format.jsonl"))
 
 
 def test_field_override_and_missing_override(tmp_path):

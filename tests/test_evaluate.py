@@ -87,7 +87,7 @@ def test_eval_prompt_adds_the_instruction_once(smollm2_dir):
     plain = E.eval_prompt(tok, "What is 1+1?")
     assert "What is 1+1?\n\n" + E.INSTRUCTION in plain and plain.count("\\boxed{}") == 1
     assert plain.rstrip().endswith("<|im_start|>assistant")
-    shared = json.loads((ROOT.parent / "shared/data/aime24/test.jsonl").read_text().splitlines()[0])["problem"]
+    shared = json.loads((ROOT / "tests/fixtures/aime_format.jsonl").read_text().splitlines()[0])["problem"]
     assert shared.endswith(E.INSTRUCTION)
     assert E.eval_prompt(tok, shared).count(E.INSTRUCTION) == 1
 
