@@ -1,4 +1,4 @@
-"""Problem loading, field detection, GSM8K / AIME formats, bad input (issue 2)."""
+"""Problem loading, field detection, GSM8K / AIME formats, bad input."""
 import json
 
 import pytest
