@@ -340,7 +340,7 @@ def _coerce(value, tp):
     if isinstance(value, (list, dict)) or (kind in (int, float) and isinstance(value, bool)) or \
             (kind is bool and not isinstance(value, (bool, str))) or \
             (kind is int and isinstance(value, float) and not value.is_integer()):
-        raise ValueError(f"expected {'true or false' if kind is bool else 'a ' + kind.__name__}, got {value!r}")
+        raise ValueError(f"expected {'true or false' if kind is bool else kind.__name__}, got {value!r}")
     return int(value) if kind is int and isinstance(value, float) else _convert(kind)(value)
 
 
