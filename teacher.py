@@ -14,28 +14,57 @@ by chunk (loss.py), so a [B, T, V] logits tensor never exists.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
-from rollout import render_chat
+from data import arg, parse_config
+from rollout import INSTRUCTION, encode, render_chat, student_prompt
 
+# Followed by rollout.INSTRUCTION, the same boxed-answer sentence the student sees.
 TEACHER_TEMPLATE = (
     "Problem: {problem}\n\n"
     "Here is a reference solution to this problem:\n"
     "=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n\n"
     "Study the reasoning of the reference solution until you understand why it works. Do not copy it: "
     "solve the problem yourself, step by step, and arrive independently at the same final answer.\n"
-    "Please reason step by step, and put your final answer within \\boxed{{}}."
 )
 
 
+# ==================================================================================================
+# ALGORITHM: the privileged teacher's prompt and its pass over the student's tokens
+# ==================================================================================================
 def teacher_prompt(tokenizer, problem: str, solution: str, enable_thinking: bool = True) -> str:
     """The privileged teacher's rendered prompt (string; encode with ``add_special_tokens=False``)."""
-    return render_chat(tokenizer, TEACHER_TEMPLATE.format(problem=problem, solution=solution), enable_thinking)
+    return render_chat(tokenizer, TEACHER_TEMPLATE.format(problem=problem, solution=solution) + INSTRUCTION,
+                       enable_thinking)
 
 
+def render_problems(tokenizer, problems: list[dict], max_prompt_length: int, *, student_thinking: bool = False,
+                    teacher_thinking: bool = True, limit: int | None = None) -> tuple[list[dict], int]:
+    """Both prompts of every problem, rendered and encoded once; problems with a prompt longer than
+    ``max_prompt_length`` tokens are skipped (and counted), never truncated.
+
+    Returns ``(kept, skipped)``: ``kept`` = the problem records plus ``student_ids`` / ``teacher_ids``
+    (token id lists), in order, at most ``limit`` of them (the scan stops there).
+    """
+    kept, skipped = [], 0
+    for r in problems:
+        s_ids = encode(tokenizer, student_prompt(tokenizer, r["problem"], student_thinking))
+        t_ids = encode(tokenizer, teacher_prompt(tokenizer, r["problem"], r["solution"], teacher_thinking))
+        if max(len(s_ids), len(t_ids)) > max_prompt_length:
+            skipped += 1
+            continue
+        kept.append({**r, "student_ids": s_ids, "teacher_ids": t_ids})
+        if limit is not None and len(kept) == limit:
+            break
+    return kept, skipped
+
+
+# --------------------------------------------------------------------------------------------------
+# PLUMBING: reaching the network inside DDP / DeepSpeed / peft wrappers
+# --------------------------------------------------------------------------------------------------
 def causal_lm(model):
     """The bare ``*ForCausalLM`` inside DDP / DeepSpeed / peft wrappers (LoRA layers stay injected)."""
     while hasattr(model, "module"):
@@ -48,6 +77,7 @@ def lm_head_weight(model) -> torch.Tensor:
     return causal_lm(model).get_output_embeddings().weight
 
 
+# ALGORITHM (continued): the teacher / student pass over the student's own tokens
 def completion_hidden_states(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> torch.Tensor:
     """Final hidden states that predict each completion token, packed: ``[N, H]``, N = sum of completion lengths.
 
@@ -84,6 +114,7 @@ def completion_hidden_states(model, prompts: list[list[int]], completions: list[
     return captured["h"][rows.to(device), cols.to(device)]
 
 
+# PLUMBING: the teacher network (adapter off, no grad)
 @contextlib.contextmanager
 def teacher_mode(model, frozen_copy=None):
     """Yield the network to use as the teacher: ``frozen_copy`` if given (full fine-tuning), else ``model``
@@ -99,24 +130,27 @@ def teacher_mode(model, frozen_copy=None):
             yield peft_model
 
 
-def main():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class TeacherArgs:
+    model: str = arg("smollm2-135m", "HF id, local folder, or smollm2-135m")
+    dataset: str = arg("demo-arithmetic", "anything data.load_problems reads")
+    index: int = arg(0, "which problem", check=">= 0")
+    max_new_tokens: int = arg(64, check="> 0")
+    teacher_thinking: bool = arg(True)
+    config: str | None = arg(None, "YAML file of these flags")
 
-    from data import load_problems, resolve_model
+
+def main(argv=None):
+    from transformers import AutoModelForCausalLM
+
+    from data import load_problems, load_tokenizer
     from loss import clipped_forward_kl
-    from rollout import encode, generate_hf, student_prompt
+    from rollout import generate_hf
 
-    p = argparse.ArgumentParser(description="Show the student/teacher prompts of a problem and score one "
-                                            "student rollout token by token (clipped forward KL).")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dataset", default="demo-arithmetic")
-    p.add_argument("--index", type=int, default=0)
-    p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--teacher_thinking", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
-    a = p.parse_args()
+    a = parse_config(TeacherArgs, argv, prog="teacher.py", description="Show the student/teacher prompts of a "
+                     "problem and score one student rollout token by token (clipped forward KL).")
     r = load_problems(a.dataset, limit=a.index + 1)[a.index]
-    path = resolve_model(a.model)
-    tok = AutoTokenizer.from_pretrained(path)
+    tok, path = load_tokenizer(a.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     s_prompt, t_prompt = student_prompt(tok, r["problem"]), teacher_prompt(tok, r["problem"], r["solution"], a.teacher_thinking)
     print("=== student prompt ===\n" + s_prompt + "\n=== teacher prompt ===\n" + t_prompt)

@@ -18,7 +18,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -62,24 +61,27 @@ def main():
     problems = load_problems(a.dataset, limit=a.num_prompts, require_solution=False)
     prompts = [R.encode(tok, R.student_prompt(tok, r["problem"])) for r in problems]
     sampling = dict(max_new_tokens=a.max_new_tokens, temperature=1.1, top_p=0.95, top_k=20, seed=a.seed)
-    engine_args = SimpleNamespace(max_prompt_length=max(map(len, prompts)), max_new_tokens=a.max_new_tokens,
-                                  gpu_memory_utilization=0.3, seed=a.seed, trust_remote_code=False)
-    engine, t_start = timed(lambda: R.vllm_engine(model, path, engine_args))
+    engine, t_start = timed(lambda: R.make_engine("vllm", path, model=model, tokenizer=tok, seed=a.seed,
+                                                  max_model_len=max(map(len, prompts)) + a.max_new_tokens,
+                                                  gpu_memory_utilization=0.3, colocated=True))
+
+    def generate_vllm(engine, prompts, seed, **kw):
+        return [g[0] for g in R.generate(engine, prompts, seeds=seed, **kw)]
 
     warm = dict(sampling, max_new_tokens=4)
     R.generate_hf(model, tok, prompts[:2], **warm)
-    R.generate_vllm(engine, prompts[:2], **warm)
+    generate_vllm(engine, prompts[:2], **warm)
     hf, t_hf = timed(lambda: R.generate_hf(model, tok, prompts, **sampling, batch_size=len(prompts)))
-    vl, t_vl = timed(lambda: R.generate_vllm(engine, prompts, **sampling))
+    vl, t_vl = timed(lambda: generate_vllm(engine, prompts, **sampling))
     n_hf, n_vl = (sum(len(r.completion_ids) for r in x) for x in (hf, vl))
 
     # Sync timings: the LoRA path (merge per layer, stream, reload) and the full-model path.
-    R.vllm_sync_weights(engine, model)  # warm-up
-    _, t_full = timed(lambda: R.vllm_sync_weights(engine, model))
+    R.sync_weights(engine, model)  # warm-up
+    _, t_full = timed(lambda: R.sync_weights(engine, model))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = get_peft_model(model, LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, target_modules=targets,
                                                   task_type="CAUSAL_LM"))
-    _, t_lora = timed(lambda: R.vllm_sync_weights(engine, peft_model))
+    _, t_lora = timed(lambda: R.sync_weights(engine, peft_model))
 
     print(f"\n{a.model}, {len(prompts)} prompts (mean {sum(map(len, prompts)) / len(prompts):.0f} tokens), "
           f"{a.max_new_tokens} new tokens, T 1.1 / top_p 0.95 / top_k 20, {dtype}, {device}, "

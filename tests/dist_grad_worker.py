@@ -3,7 +3,7 @@
     accelerate launch --cpu --num_processes 2 tests/dist_grad_worker.py OUT.pt -- <train.py flags>
 
 Used by tests/test_distributed.py to show that the gradient does not depend on how the step's sequences
-are split over processes and micro-batches (issue 8).
+are split over processes and micro-batches.
 """
 import sys
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Problem loading, field detection, GSM8K / AIME formats, bad input (issue 2)."""
+"""Problem loading, field detection, GSM8K / AIME formats, bad input."""
 import json
 
 import pytest
@@ -168,3 +168,80 @@ def test_nested_answer_fallbacks_and_list_answers(tmp_path):
         {"problem": "Roots of x^2-8x+15?", "solution": "x = 3 or 5", "extra_info": {"answer": ["3", "5"]}},
         {"problem": "GSM-style?", "solution": "1 + 1 = 2", "extra_info": {"answer": "1 + 1 = <<1+1=2>>2\n#### 2"}}])
     assert [r["answer"] for r in load_problems(path)] == ["3, 5", "2"]
+# ---- the shared command line (data.parse_config) -----------------------------------------------------
+from dataclasses import dataclass  # noqa: E402
+
+from data import arg, check_same_settings, parse_config, read_jsonl  # noqa: E402
+
+
+@dataclass
+class _Flags:
+    max_steps: int = arg(150, check="> 0")
+    top_p: float = arg(0.95, check="in (0, 1]")
+    use_lora: bool = arg(True)
+    rollout_backend: str = arg("auto", choices=("auto", "vllm", "hf"))
+    seeds: list[int] = arg([0, 1, 2])
+    limit: int | None = arg(None, check=">= 1")
+    output_dir: str = arg("out")
+    config: str | None = arg(None)
+
+
+def _error(argv):
+    with pytest.raises(SystemExit) as e:
+        parse_config(_Flags, argv, prog="x.py")
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_parse_config_values_and_yaml(tmp_path):
+    assert parse_config(_Flags, [], prog="x.py") == _Flags()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_steps: 3\nuse_lora: false\nseeds: [5]\ntop_p: 1\n")
+    a = parse_config(_Flags, ["--config", str(cfg), "--seeds", "7", "8", "--limit=2"], prog="x.py")
+    assert (a.max_steps, a.use_lora, a.seeds, a.limit, a.top_p, a.config) == (3, False, [7, 8], 2, 1.0, str(cfg))
+    assert parse_config(_Flags, ["--use_lora", "TRUE"], prog="x.py").use_lora is True
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max_step", "2"], "x.py: unknown flag --max_step (did you mean --max_steps?)"),
+    (["--max"], "x.py: unknown flag --max"),  # never abbreviated
+    (["--out", "d"], "x.py: unknown flag --out: renamed --output_dir"),
+    (["--rollout_backend", "vlm"], "x.py: --rollout_backend: unknown 'vlm' (choose from auto, vllm, hf)"),
+    (["--max_steps", "0"], "x.py: --max_steps must be > 0 (got 0)"),
+    (["--top_p", "0"], "x.py: --top_p must be in (0, 1] (got 0.0)"),
+    (["--limit", "0"], "x.py: --limit must be >= 1 (got 0)"),
+    (["--use_lora", "flase"], "x.py: --use_lora: expected true or false, got 'flase'"),
+    (["--max_steps", "x"], "x.py: --max_steps: invalid int value: 'x'"),
+])
+def test_parse_config_errors_name_the_flag(argv, message):
+    assert _error(argv) == message
+
+
+def test_parse_config_bad_yaml(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_stepz: 3\n")
+    assert _error(["--config", str(cfg)]) == f"x.py: {cfg}: unknown key(s) max_stepz (did you mean max_steps?)"
+    cfg.write_text("use_lora: 3\n")
+    assert _error(["--config", str(cfg)]) == f"x.py: {cfg}: use_lora: expected true or false, got 3"
+    cfg.write_text("max_steps: 2.5\n")
+    assert _error(["--config", str(cfg)]) == f"x.py: {cfg}: max_steps: expected int, got 2.5"
+    assert _error(["--config", str(tmp_path / "none.yaml")]) == f"x.py: --config: no such file {tmp_path / 'none.yaml'}"
+
+
+def test_read_jsonl_repairs_a_torn_line(tmp_path, capsys):
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"a": 1}\n{"b": "\u00e9"}\n{"c": 3, "d"')
+    assert read_jsonl(p) == [{"a": 1}, {"b": "\u00e9"}] and p.read_text().endswith('"d"')  # read only
+    assert read_jsonl(p, repair=True) == [{"a": 1}, {"b": "\u00e9"}]
+    assert p.read_text() == '{"a": 1}\n{"b": "\u00e9"}\n' and "dropped 1 unreadable line" in capsys.readouterr().out
+    assert read_jsonl(tmp_path / "absent.jsonl") == []
+
+
+def test_check_same_settings(tmp_path):
+    path = tmp_path / "settings.json"
+    check_same_settings(path, {"top_p": 0.95, "n": 2}, "x.py")
+    check_same_settings(path, {"top_p": 0.95, "n": 2}, "x.py")  # same: fine
+    with pytest.raises(SystemExit, match=r"x.py: --output_dir .* holds a run made with --top_p=0.95 \(now 1.0\); use another"):
+        check_same_settings(path, {"top_p": 1.0, "n": 2}, "x.py")
+    check_same_settings(path, {"top_p": 1.0, "n": 2}, "x.py", active=False)  # nothing to continue: rewritten
+    assert '"top_p": 1.0' in path.read_text()

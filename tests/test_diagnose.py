@@ -1,4 +1,4 @@
-"""diagnose.py (issue 5): positions, forcing, scores, AUROC with ties, cluster bootstrap, orientation, resume, e2e."""
+"""diagnose.py: positions, forcing, scores, AUROC with ties, cluster bootstrap, orientation, resume, e2e."""
 import importlib.util
 import json
 import math
@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import diagnose as D
+import rollout as R
 
 
 # ---------------------------------------------------------------------------------------------- positions
@@ -108,8 +109,8 @@ def test_forcing_reaches_every_hf_continuation_row(tiny_model_dir):
         return original(input_ids=input_ids, attention_mask=attention_mask, **kw)
 
     model.generate = recording_generate
-    args = Namespace(temperature=1.0, top_p=1.0, top_k=0)
-    gen = D.hf_generator(model, tok, args, [tok.eos_token_id])
+    args = Namespace(rollout_temperature=1.0, top_p=1.0, top_k=0)
+    gen = D.sampler(R.make_engine("hf", model=model, tokenizer=tok), args)
     prompt, spine = [1, 2, 3, 4], [40, 41, 42, 43, 44, 45]
     branches = [(0, 900), (3, 901), (5, 902)]
     out = gen([D.branch_prompt(prompt, spine, i, a) for i, a in branches], [6, 2, 1], 2, [0, 1, 2])
@@ -213,7 +214,7 @@ def test_label_modes():
 def _run(tmp_path, model_dir, *extra):
     return D.main(["--model", model_dir, "--dataset", "demo-arithmetic", "--num_problems", "3", "--spines_per_problem", "2",
                    "--positions_per_spine", "3", "--alternatives", "2", "--continuations", "2", "--max_new_tokens", "8",
-                   "--bootstrap", "20", "--backend", "hf", "--out", str(tmp_path / "out"), *extra])
+                   "--bootstrap", "20", "--rollout_backend", "hf", "--output_dir", str(tmp_path / "out"), *extra])
 
 
 def test_end_to_end_resume_and_outputs(tmp_path, tiny_model_dir, capsys):
@@ -270,13 +271,13 @@ def test_end_to_end_resume_and_outputs(tmp_path, tiny_model_dir, capsys):
     before = (out / "branches.jsonl").read_text()
     s3 = _run(tmp_path, tiny_model_dir, "--label", "teacher_mass")
     assert (out / "branches.jsonl").read_text() == before and "engine_s" not in s3["wall_s"]
-    # an experiment flag may not change under the same --out
+    # an experiment flag may not change under the same --output_dir
     with pytest.raises(SystemExit, match="--continuations"):
         _run(tmp_path, tiny_model_dir, "--continuations", "3")
 
 
 def test_bad_flags_fail_fast():
-    for argv, msg in [(["--alternatives", "0"], "--alternatives"), (["--temperature", "0"], "--temperature"),
+    for argv, msg in [(["--alternatives", "0"], "--alternatives"), (["--rollout_temperature", "0"], "--rollout_temperature"),
                       (["--threshold", "2"], "--threshold")]:
         with pytest.raises(SystemExit, match=msg):
             D.parse_args(argv)
@@ -287,7 +288,7 @@ def test_dataset_without_reference_solution_fails_fast(tmp_path):
     bench = tmp_path / "bench.jsonl"
     bench.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")  # like math500: no solution
     with pytest.raises(SystemExit, match="--dataset: .*bench.jsonl: no solution field"):
-        D.main(["--dataset", str(bench), "--out", str(tmp_path / "out")])
+        D.main(["--dataset", str(bench), "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
@@ -309,9 +310,9 @@ def test_vllm_backend_budgets_and_per_request_seeds(tmp_path, smollm2_dir):
     tok.save_pretrained(tmp_path)
     tiny_model_dir = str(tmp_path)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    args = Namespace(temperature=1.0, top_p=1.0, top_k=0, seed=0, dtype="float32", gpu_memory_utilization=0.3,
-                     kv_cache_gib=1.0)
-    gen = D.vllm_generator(tiny_model_dir, args, [2], max_model_len=256)
+    args = Namespace(rollout_temperature=1.0, top_p=1.0, top_k=0)
+    gen = D.sampler(R.make_engine("vllm", tiny_model_dir, dtype="float32", max_model_len=256, seed=0,
+                                  gpu_memory_utilization=0.3, kv_cache_gib=1.0), args)
     a = gen([[1, 2, 3, 900], [1, 2, 901]], [6, 1], 2, [11, 12])
     b = gen([[5, 6, 7], [1, 2, 3, 900]], [4, 6], 2, [13, 11])
     assert [[len(c) for c in cs] for cs in a][1] == [1, 1] and all(1 <= len(c) <= 6 for c in a[0])

@@ -1,4 +1,4 @@
-"""Data parallelism is the same math (issue 8): 2 processes x 2 sequences == 1 x 4 == 1 x 2 micro-batches of 2.
+"""Data parallelism is the same math: 2 processes x 2 sequences == 1 x 4 == 1 x 2 micro-batches of 2.
 
 Real 2-process runs (`accelerate launch --multi_gpu` = torchrun; gloo on CPU), fixed completions of uneven lengths, both reductions, LoRA
 gradients compared at 1e-6.

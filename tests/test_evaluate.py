@@ -103,7 +103,7 @@ def test_eval_prompt_adds_the_instruction_once(smollm2_dir):
 def test_bad_arguments_fail_before_loading_a_model(monkeypatch, tmp_path, argv, message):
     monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(SystemExit, match=message.replace("+", "\\+").replace("?", "\\?")) as e:
-        E.main(["--model", "smollm2-135m", "--out", str(tmp_path), "--benchmarks", "math500"] + argv)
+        E.main(["--model", "smollm2-135m", "--output_dir", str(tmp_path), "--benchmarks", "math500"] + argv)
     assert "\n" not in str(e.value)
 
 
@@ -158,15 +158,15 @@ def test_main_metrics_from_canned_responses(tiny_model_dir, tmp_path, monkeypatc
         ("apples", 1): ["\\boxed{7}", "\\boxed{8}", "\\boxed{8}", "\\boxed{7}"],  # tie -> 0.5
     }
 
-    def fake_sample_hf(model, tokenizer, prompts, n, seed, args):
+    def fake_sample(engine, tokenizer, prompts, n, seed, args):
         keys = [next(k for k in ("1+1", "half", "apples") if k in tokenizer.decode(p)) for p in prompts]
         return [[{"response": r, "num_tokens": len(r), "truncated": r == "x"} for r in canned[(k, seed)]]
                 for k in keys]
 
-    monkeypatch.setattr(E, "sample_hf", fake_sample_hf)
+    monkeypatch.setattr(E, "sample", fake_sample)
     monkeypatch.setattr(E, "stable_seed", lambda label, seed, start: seed)  # hand the run seed to the fake
     summary = E.main(["--model", tiny_model_dir, "--benchmarks", a, b, "--n", "4", "--seeds", "0", "1",
-                      "--backend", "hf", "--out", str(tmp_path / "out")])
+                      "--rollout_backend", "hf", "--output_dir", str(tmp_path / "out")])
     A, B = summary["benchmarks"]["a/test.jsonl"], summary["benchmarks"][f"{tmp_path.name}/b.jsonl"]
     assert A["problems"] == 2 and B["problems"] == 1
     assert A["per_seed"]["0"]["avg@4"] == pytest.approx((1 / 4 + 2 / 4) / 2)
@@ -192,8 +192,8 @@ def test_resume_after_a_kill_gives_the_same_summary(tiny_model_dir, tmp_path, mo
     bench = _write_jsonl(tmp_path / "bench.jsonl", [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)}
                                                     for i in range(3)])
     argv = ["--model", tiny_model_dir, "--benchmarks", bench, "--n", "3", "--seeds", "0", "1",
-            "--max_new_tokens", "6", "--backend", "hf", "--problems_per_call", "2"]
-    full = E.main(argv + ["--out", str(tmp_path / "full")])
+            "--max_new_tokens", "6", "--rollout_backend", "hf", "--problems_per_call", "2"]
+    full = E.main(argv + ["--output_dir", str(tmp_path / "full")])
 
     # Interrupted run: killed while grading the 8th sample, with a half-written line at the end.
     calls = []
@@ -208,14 +208,14 @@ def test_resume_after_a_kill_gives_the_same_summary(tiny_model_dir, tmp_path, mo
     monkeypatch.setattr(E, "grade", dying_grade)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        E.main(argv + ["--out", str(out)])
+        E.main(argv + ["--output_dir", str(out)])
     with open(out / "samples.jsonl", "a") as f:
         f.write('{"benchmark": "bench.jso')
     assert len((out / "samples.jsonl").read_text().splitlines()) == 8  # 7 graded + the cut line
 
     calls.clear()
     monkeypatch.setattr(E, "grade", lambda *a, **k: (calls.append(1), real_grade(*a, **k))[1])
-    resumed = E.main(argv + ["--out", str(out)])
+    resumed = E.main(argv + ["--output_dir", str(out)])
     assert len(calls) == 3 * 2 * 3 - 7  # only the missing samples were graded
     assert resumed == full
 
@@ -228,12 +228,12 @@ def test_resume_after_a_kill_gives_the_same_summary(tiny_model_dir, tmp_path, mo
     assert sorted(rows, key=E.sample_key) == sorted(full_rows, key=E.sample_key)  # same responses
 
     # A third run has nothing to generate (and must not try to), and reports the same.
-    monkeypatch.setattr(E, "sample_hf", lambda *a, **k: pytest.fail("regenerated"))
+    monkeypatch.setattr(E, "sample", lambda *a, **k: pytest.fail("regenerated"))
     monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("model loaded"))
-    assert E.main(argv + ["--out", str(out)]) == full
-    # Other generation settings into the same --out are refused.
+    assert E.main(argv + ["--output_dir", str(out)]) == full
+    # Other generation settings into the same --output_dir are refused.
     with pytest.raises(SystemExit, match="temperature=1.0 \\(now 0.7\\)"):
-        E.main(argv + ["--out", str(out), "--temperature", "0.7"])
+        E.main(argv + ["--output_dir", str(out), "--rollout_temperature", "0.7"])
 
 
 def test_save_merged_writes_a_loadable_model(tiny_model_dir, tmp_path):
@@ -247,8 +247,8 @@ def test_save_merged_writes_a_loadable_model(tiny_model_dir, tmp_path):
     peft_model.save_pretrained(tmp_path / "ckpt")
     bench = _write_jsonl(tmp_path / "one.jsonl", [{"problem": "What is 2 + 2?", "answer": "4"}])
     E.main(["--model", str(tmp_path / "ckpt"), "--benchmarks", bench, "--n", "1", "--seeds", "0",
-            "--max_new_tokens", "2", "--backend", "hf", "--save_merged", str(tmp_path / "merged"),
-            "--out", str(tmp_path / "out")])
+            "--max_new_tokens", "2", "--rollout_backend", "hf", "--save_merged", str(tmp_path / "merged"),
+            "--output_dir", str(tmp_path / "out")])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
@@ -277,7 +277,7 @@ def test_vllm_backend_runs_and_resumes(tmp_path, smollm2_dir):
                                                   {"problem": "What is 3 + 3?", "answer": "6"}])
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "evaluate.py"), "--model", str(model_dir), "--benchmarks", bench,
-           "--n", "2", "--seeds", "0", "--max_new_tokens", "8", "--backend", "vllm", "--out", str(out)]
+           "--n", "2", "--seeds", "0", "--max_new_tokens", "8", "--rollout_backend", "vllm", "--output_dir", str(out)]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Clipped forward KL, position weights and reductions (issue 2) and the chunked path (issue 6)."""
+"""Clipped forward KL, position weights and reductions, and the chunked path."""
 import math
 
 import pytest
@@ -101,7 +101,7 @@ def test_micro_batches_sum_to_the_full_batch(reduction):
     torch.testing.assert_close(g_full, g_split)
 
 
-# ---- issue 6: chunked path == reference ---------------------------------------------------------------
+# ---- chunked path == reference --------- ---------------------------------------------------------------
 def _reference(h_s, h_t, W_s, W_t, coef, T, c):
     return (coef * L.clipped_forward_kl(h_s @ W_s.T, h_t @ W_t.T, T, c)).sum()
 

@@ -1,4 +1,4 @@
-"""Student/teacher prompts under real template shapes, HF rollouts, the teacher pass (issue 2)."""
+"""Student/teacher prompts under real template shapes, HF rollouts, the teacher pass."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,4 +1,4 @@
-"""train.py end to end on a tiny random model: bad input, prompt filtering, checkpoints, exact resume (issue 2)."""
+"""train.py end to end on a tiny random model: bad input, prompt filtering, checkpoints, exact resume ."""
 import json
 import os
 import subprocess
@@ -58,8 +58,8 @@ def test_resume_gives_the_same_losses(tiny_model_dir, tmp_path):
     (["--batch_size", "6", "--per_device_train_batch_size", "4"], "--batch_size 6 is not divisible"),
     (["--dataset", "missing.jsonl"], "missing.jsonl: no such file"),
     (["--resume_from_checkpoint", "/nonexistent"], "--resume_from_checkpoint: no such folder"),
-    (["--max_stesp", "2"], "arguments are not used by the HfArgumentParser: ['--max_stesp', '2']"),
-    (["--temp", "0.7"], "arguments are not used"),  # no abbreviations: --temp is not --temperature
+    (["--max_stesp", "2"], "train.py: unknown flag --max_stesp (did you mean --max_steps?)"),
+    (["--temp", "0.7"], "unknown flag --temp"),  # no abbreviations: --temp is not --temperature
     (["--temperature", "0"], "--temperature must be > 0"),
 ])
 def test_bad_input_fails_in_one_line(tiny_model_dir, tmp_path, extra, message):

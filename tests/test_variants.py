@@ -1,4 +1,4 @@
-"""Method variants (issue 7): EOPD, REOPOLD, sampled-token reverse KL, the 2x2 reduction ablation, pwopsd-linear.
+"""Method variants: EOPD, REOPOLD, sampled-token reverse KL, the 2x2 reduction ablation, pwopsd-linear.
 
 The unit tests share one hand-built batch -- 2 sequences x 3 tokens, vocabulary 5 (N = 6, V = 5) -- and
 compute every expected loss, gradient and diagnostic independently, in float64 Python loops from the
@@ -72,8 +72,8 @@ def hp(**over):
 def run(fn, args, coef=COEF, step=0, rows=range(6), **extra):
     """Call a loss on rows of the example; return (loss, d loss / d student logits [len(rows), V], stats)."""
     s = torch.tensor([S[i] for i in rows], requires_grad=True)
-    ctx = {"tokens": torch.tensor([Y[i] for i in rows]), "lengths": torch.tensor([3] * (len(rows) // 3)),
-           "coef": torch.tensor([coef[i] for i in rows]), "total_tokens": 6.0, "total_sequences": 2.0, "step": step, **extra}
+    ctx = L.LossContext(**{"tokens": torch.tensor([Y[i] for i in rows]), "lengths": torch.tensor([3] * (len(rows) // 3)),
+           "coef": torch.tensor([coef[i] for i in rows]), "total_tokens": 6.0, "total_sequences": 2.0, "step": step, **extra})
     loss, stats = fn(s, torch.tensor([TT[i] for i in rows]), ctx, args)
     loss.backward()
     return loss.item(), s.grad.double(), stats

