@@ -51,6 +51,7 @@ METHODS = {
     "eopd": Method("eopd", "uniform", "token"),                    # EOPD baseline (arXiv:2603.07079)
     "reopold": Method("reopold", "uniform", "token"),              # REOPOLD baseline (arXiv:2603.11137); own sum(M) normaliser
     "sampled_rkl": Method("sampled_rkl", "uniform", "token"),      # sampled-token reverse KL (policy gradient)
+    "iwopd": Method("iwopd", "uniform", "token"),                  # IW-OPD baseline (arXiv:2606.22600); weights inside the loss
 }
 REDUCTIONS = ("token", "sequence")
 
@@ -89,6 +90,95 @@ def clipped_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     pointwise = log_p_t.exp() * (log_p_t - log_p_s)
     if clip > 0:
         pointwise = pointwise.clamp(max=clip)  # clamp's gradient is 0 where the entry is clipped
+    return pointwise.sum(-1)
+
+
+def clipped_generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.1,
+                            clip: float = 0.05, beta: float = 0.0) -> torch.Tensor:
+    """Point-wise clipped generalized Jensen-Shannon divergence per token (``--beta``; GKD, Agarwal et al. 2024,
+    Eq. 1, in the convention of the official OPSD code and TRL's ``generalized_jsd_loss``):
+
+        m    = beta p_T + (1 - beta) p_S                      (the mixture; weight beta on the teacher)
+        e(v) = beta p_T(v) log(p_T(v) / m(v)) + (1 - beta) p_S(v) log(p_S(v) / m(v))
+        l_t  = sum_v min(e(v), c)
+
+    beta = 0 is defined as the forward KL, e(v) = p_T (log p_T - log p_S), i.e. exactly ``clipped_forward_kl``
+    (the OPSD / PW-OPSD loss; this function calls it); beta = 1 is the reverse KL, e(v) = p_S (log p_S - log p_T).
+    Both ends are special cases, as in the official code and TRL: the mixture formula itself tends to 0 at either
+    end (m -> the only side left), so neither end is its limit.
+
+    Where the clip acts. The official OPSD code computes ``F.kl_div(..., reduction="none")``, i.e. the ``[B, T, V]``
+    tensor of per-vocabulary-entry terms e(v), already combined as beta * (teacher part) + (1 - beta) * (student
+    part), and clamps *that* tensor at c before masking and summing over tokens and vocabulary -- so its
+    "per-token clip" is in fact per (token, vocabulary entry), which at beta = 0 is OPSD Eq. 4's point-wise clip.
+    We do the same: the clamp is applied to the ``[N, V]`` tensor e(v) (both parts together, not to each part),
+    then summed over v. Entries above c are constant and carry no gradient; entries may be negative (where
+    p_S > p_T in the forward part) and are never clipped from below.
+
+    Args:
+        student_logits: ``[N, V]``, any float dtype (computed in float32); carries the gradient (through p_S and m).
+        teacher_logits: ``[N, V]``; detached here.
+        temperature, clip: as in ``clipped_forward_kl`` (``clip <= 0`` disables clipping).
+        beta: in [0, 1].
+    Returns:
+        ``[N]`` float32, nats.
+    Raises:
+        ValueError: beta outside [0, 1].
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"--beta must be in [0, 1] (got {beta})")
+    if beta == 0.0:
+        return clipped_forward_kl(student_logits, teacher_logits, temperature, clip)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    if beta == 1.0:
+        pointwise = log_p_s.exp() * (log_p_s - log_p_t)
+    else:
+        log_m = torch.logaddexp(log_p_t + math.log(beta), log_p_s + math.log1p(-beta))
+        pointwise = beta * log_p_t.exp() * (log_p_t - log_m) + (1 - beta) * log_p_s.exp() * (log_p_s - log_m)
+    if clip > 0:
+        pointwise = pointwise.clamp(max=clip)
+    return pointwise.sum(-1)
+
+
+def clipped_topk_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.1,
+                            clip: float = 0.05, k: int = 20) -> torch.Tensor:
+    """Forward KL over the teacher's top-k tokens plus one tail bucket (``--teacher_top_k``), point-wise clipped:
+
+        K_t = the k tokens of largest p_T at token t;  tail: q(*) = 1 - sum_{v in K_t} q(v), for q = p_T and q = p_S
+        l_t = sum_{o in K_t + {tail}} min( p_T(o) (log p_T(o) - log p_S(o)), c )
+
+    Unlike renormalising over K_t (EOPD's top-k, the official OPSD ``top_k_loss``), the tail keeps each side's
+    remaining mass, so l_t is a proper divergence between two distributions over k + 1 outcomes: >= 0 without the
+    clip, 0 only when the two agree on K_t and on the tail. The clip c acts per outcome, the tail being one outcome
+    (the same point-wise clip as the full-vocabulary loss). k >= V gives exactly ``clipped_forward_kl`` (the tail
+    is empty). Tail log-masses are computed as a logsumexp over the entries outside K_t -- not as log(1 - sum),
+    which cancels catastrophically when the top-k hold almost all the mass.
+
+    Args:
+        student_logits / teacher_logits, temperature, clip: as in ``clipped_forward_kl``.
+        k: number of teacher tokens kept, >= 1.
+    Returns:
+        ``[N]`` float32, nats.
+    Raises:
+        ValueError: k < 1.
+    """
+    if k < 1:
+        raise ValueError(f"--teacher_top_k must be >= 1 here (got {k}; 0 means the full vocabulary)")
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    top_t, idx = log_p_t.topk(min(k, log_p_t.shape[-1]), dim=-1)
+    top_s = log_p_s.gather(1, idx)
+    outside = torch.ones_like(log_p_t, dtype=torch.bool).scatter_(1, idx, False)
+    tail_t = log_p_t.masked_fill(~outside, -math.inf).logsumexp(-1, keepdim=True)
+    tail_s = log_p_s.masked_fill(~outside, -math.inf).logsumexp(-1, keepdim=True)
+    # An empty tail (k >= V) has mass 0 on both sides: its term is 0 (masked so no inf - inf reaches autograd).
+    has_tail = torch.isfinite(tail_t)
+    tail_t, tail_s = torch.where(has_tail, tail_t, 0.0), torch.where(has_tail, tail_s, 0.0)
+    tail_term = torch.where(has_tail, tail_t.exp() * (tail_t - tail_s), 0.0)
+    pointwise = torch.cat([top_t.exp() * (top_t - top_s), tail_term], dim=-1)  # [N, k + 1]
+    if clip > 0:
+        pointwise = pointwise.clamp(max=clip)
     return pointwise.sum(-1)
 
 
@@ -133,6 +223,32 @@ def linear_weights(lengths: torch.Tensor, w_min: float = 0.25, **_) -> torch.Ten
 
 
 WEIGHTINGS = {"uniform": uniform_weights, "position": position_weights, "linear": linear_weights}
+
+
+def iwopd_weights(lengths: torch.Tensor, discrepancy: torch.Tensor, gamma: float = 0.5, eps: float = 1e-8) -> torch.Tensor:
+    """IW-OPD token weights (Xie et al. 2026, arXiv:2606.22600, Alg. 1; the form of TRL's ``IWOPDTrainer``):
+
+        a_t = |discrepancy_t|,   D_t = sum_{u < t} a_u  (within the sequence),   S = max(sum_u a_u, eps)
+        w_t = 1 + gamma * (1 - D_t / S)
+
+    So w = 1 + gamma at the first token and falls towards 1 as the teacher-student discrepancy accumulates along
+    the prefix: early tokens keep the most weight, late tokens after high drift the least -- the opposite
+    direction to PW-OPSD's schedule. Depends only on each sequence's own tokens (no batch statistics), so
+    micro-batching cannot change it. Unlike the ``WEIGHTINGS`` it needs the per-token discrepancy
+    (sg(log p_T(y_t) - log p_S(y_t)) in ``iwopd_loss``), which exists only after the forward pass, so the loss
+    applies it.
+
+    Args:
+        lengths: ``[B]`` completion lengths; discrepancy: ``[N]`` packed per-token values (any sign).
+        gamma: amplification (paper / TRL default 0.5); eps: floor of S (an all-zero sequence gets w = 1 + gamma).
+    Returns:
+        ``[N]`` float32, in [1, 1 + gamma], no gradient.
+    """
+    a = discrepancy.detach().double().abs()
+    seq, _ = token_positions(lengths)
+    totals = torch.zeros(len(lengths), dtype=torch.float64, device=a.device).index_add_(0, seq, a)
+    before = torch.cumsum(a, 0) - a - (torch.cumsum(totals, 0) - totals)[seq]  # D_t: the sum before t, same sequence
+    return (1 + gamma * (1 - before / totals.clamp(min=eps)[seq])).float()
 
 
 def token_coefficients(lengths: torch.Tensor, weights: torch.Tensor, reduction: str, total_tokens: float,
@@ -256,8 +372,16 @@ def chunked_clipped_fkl(student_hidden: torch.Tensor, teacher_hidden: torch.Tens
 # share of the step loss, {diagnostic: float}).
 # ==================================================================================================
 def clipped_fkl_loss(student_logits, teacher_logits, ctx, hp):
-    """OPSD / PW-OPSD: ``sum_t coef_t * l_t`` with the clipped forward KL of ``clipped_forward_kl``."""
-    per_token = clipped_forward_kl(student_logits, teacher_logits, hp.temperature, hp.clip)
+    """OPSD / PW-OPSD: ``sum_t coef_t * l_t`` with the clipped forward KL of ``clipped_forward_kl`` (the default,
+    ``hp.beta`` 0 and ``hp.teacher_top_k`` 0); ``clipped_generalized_jsd`` when ``hp.beta`` > 0;
+    ``clipped_topk_forward_kl`` when ``hp.teacher_top_k`` > 0 (train.py refuses both at once)."""
+    beta, top_k = getattr(hp, "beta", 0.0), getattr(hp, "teacher_top_k", 0)
+    if top_k > 0:
+        per_token = clipped_topk_forward_kl(student_logits, teacher_logits, hp.temperature, hp.clip, top_k)
+    elif beta > 0:
+        per_token = clipped_generalized_jsd(student_logits, teacher_logits, hp.temperature, hp.clip, beta)
+    else:
+        per_token = clipped_forward_kl(student_logits, teacher_logits, hp.temperature, hp.clip)
     return (ctx.coef * per_token).sum(), {}
 
 
@@ -292,6 +416,22 @@ def sampled_rkl_loss(student_logits, teacher_logits, ctx, hp):
     _, _, lp_s, lp_t = sampled_token_terms(student_logits, teacher_logits, ctx.tokens, hp.temperature)
     reward = (lp_t - lp_s).detach()
     return -(ctx.coef * reward * lp_s).sum(), {"rkl_k1": -reward.mean().item()}
+
+
+def iwopd_loss(student_logits, teacher_logits, ctx, hp):
+    """IW-OPD, importance-weighted on-policy distillation (Xie et al. 2026, arXiv:2606.22600): the sampled-token
+    reverse KL policy gradient of ``sampled_rkl_loss`` with each token's advantage scaled by ``iwopd_weights``:
+
+        A_t = sg(log p_T(y_t) - log p_S(y_t)),   w_t = iwopd_weights(A)_t  (gamma = hp.iwopd_gamma, 0.5)
+        l_t = -w_t A_t log p_S(y_t),             loss = sum_t coef_t l_t   (uniform / token: global token mean)
+
+    Diagnostics: ``iw_weight_mean`` / ``iw_weight_min`` (of this micro-batch's w_t), ``rkl_k1`` (mean of -A_t).
+    """
+    _, _, lp_s, lp_t = sampled_token_terms(student_logits, teacher_logits, ctx.tokens, hp.temperature)
+    adv = (lp_t - lp_s).detach()
+    w = iwopd_weights(ctx.lengths, adv, hp.iwopd_gamma)
+    return -(ctx.coef * w * adv * lp_s).sum(), {"iw_weight_mean": w.mean().item(), "iw_weight_min": w.min().item(),
+                                                "rkl_k1": -adv.mean().item()}
 
 
 def eopd_loss(student_logits, teacher_logits, ctx, hp):
@@ -366,7 +506,8 @@ def reopold_loss(student_logits, teacher_logits, ctx, hp):
     return loss, stats
 
 
-LOSSES = {"clipped_fkl": clipped_fkl_loss, "sampled_rkl": sampled_rkl_loss, "eopd": eopd_loss, "reopold": reopold_loss}
+LOSSES = {"clipped_fkl": clipped_fkl_loss, "sampled_rkl": sampled_rkl_loss, "eopd": eopd_loss, "reopold": reopold_loss,
+          "iwopd": iwopd_loss}
 # Losses whose token selection needs statistics of the whole step: train.py computes these per-token
 # statistics in a no-grad pass over all micro-batches before the first backward (ctx.token_stats).
 TOKEN_STATS = {"reopold": reopold_token_stats}
@@ -378,10 +519,37 @@ TOKEN_STATS = {"reopold": reopold_token_stats}
 # ctx, hp) -> (loss, {diagnostic: float}). A (loss, impl) pair not listed here runs LOSSES on full logits.
 # --------------------------------------------------------------------------------------------------
 def chunked_clipped_fkl_loss(student_hidden, teacher_hidden, student_head, teacher_head, ctx, hp):
-    """``clipped_fkl_loss`` via ``chunked_clipped_fkl``: O(``hp.loss_chunk_size`` x V) memory."""
+    """``clipped_fkl_loss`` via ``chunked_clipped_fkl``: O(``hp.loss_chunk_size`` x V) memory. With ``hp.beta`` > 0
+    or ``hp.teacher_top_k`` > 0, via ``checkpointed_chunks`` of the same reference functions instead."""
+    if getattr(hp, "beta", 0.0) > 0 or getattr(hp, "teacher_top_k", 0) > 0:
+        return checkpointed_chunks(clipped_fkl_loss, student_hidden, teacher_hidden, student_head, teacher_head, ctx,
+                                   hp), {}
     loss, _ = chunked_clipped_fkl(student_hidden, teacher_hidden, student_head, teacher_head, ctx.coef,
                                   hp.temperature, hp.clip, hp.loss_chunk_size)
     return loss, {}
+
+
+def checkpointed_chunks(loss_fn, student_hidden, teacher_hidden, student_head, teacher_head, ctx, hp) -> torch.Tensor:
+    """A per-token logits loss (``loss_fn(student_logits, teacher_logits, ctx, hp)`` reading only ``ctx.coef``) summed
+    over chunks of ``hp.loss_chunk_size`` tokens, each under activation checkpointing: its ``[chunk, V]``
+    intermediates are freed after the forward and recomputed in the backward, so memory is one chunk's, not N's.
+    Same value and gradient as ``loss_fn`` on the full logits (autograd of the same code); costs one extra forward
+    of the loss. Used for the generalized JSD and the top-k loss, which have no hand-written gradient."""
+    import copy
+
+    from torch.utils.checkpoint import checkpoint
+
+    def one_chunk(h_s, h_t, coef):
+        part = copy.copy(ctx)
+        part.coef = coef
+        return loss_fn(h_s @ student_head.T, h_t @ teacher_head.T, part, hp)[0]
+
+    n, size = student_hidden.shape[0], int(hp.loss_chunk_size)
+    total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+    for a in range(0, n, size):
+        total = total + checkpoint(one_chunk, student_hidden[a:a + size], teacher_hidden[a:a + size].detach(),
+                                   ctx.coef[a:a + size], use_reentrant=False)
+    return total
 
 
 FAST_PATHS = {("clipped_fkl", "chunked"): chunked_clipped_fkl_loss}

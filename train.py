@@ -5,7 +5,7 @@
 
 Each optimizer step (paper, Sec. 4 / Alg. 1), numbered as in ``main``:
   1. every process takes its own, disjoint slice of the step's prompts (a function of seed and step only);
-  2. samples one student rollout per prompt with the *current* policy (vLLM or HF generate);
+  2. samples --num_generations (default 1) student rollouts per prompt with the *current* policy (vLLM or HF generate);
   3. per micro-batch: the privileged teacher (adapter disabled = initial policy, reference solution in
      its prompt) and the student both read the student's tokens; the per-token clipped forward KL is
      weighted (uniform / position) and reduced (token / sequence) with the step's global normaliser
@@ -65,6 +65,10 @@ class Args:
     clip: float = arg(0.05, "point-wise clip c of the forward KL; <= 0 disables")
     loss_impl: str = arg("chunked", "chunked (hidden states, O(chunk x V)) | reference", choices=L.LOSS_IMPLS)
     loss_chunk_size: int = arg(512, "tokens per chunk of the chunked loss (~4 x this x V floats)", check="> 0")
+    beta: float = arg(0.0, "generalized JSD of the clipped loss: 0 = forward KL (the paper), 1 = reverse KL, between = "
+                           "JSD with mixture beta p_T + (1 - beta) p_S; clip per vocabulary entry", check="in [0, 1]")
+    teacher_top_k: int = arg(0, "forward KL over the teacher's top-K tokens + one tail bucket (0 = full vocabulary)",
+                             check=">= 0")
     # baselines (loss.py; all at --temperature): EOPD (arXiv:2603.07079) and REOPOLD (arXiv:2603.11137)
     eopd_clip_eps: float = arg(0.2, "eopd: PPO ratio clip epsilon", check=">= 0")
     eopd_entropy_threshold: float = arg(0.8, "eopd: top-k forward KL where teacher entropy (nats) exceeds this")
@@ -72,8 +76,12 @@ class Args:
     reopold_lambda: float = arg(0.1, "reopold: reward floor log(lambda / (1 - lambda))", check="in (0, 1)")
     reopold_switch_step: int = arg(50, "reopold: from this step (0-based) mask by entropy")
     reopold_entropy_top: float = arg(0.2, "reopold: keep this top fraction of student-entropy tokens", check="in (0, 1]")
+    iwopd_gamma: float = arg(0.5, "iwopd (arXiv:2606.22600): weight amplification; w = 1 + gamma at the first token, "
+                                  "falling towards 1 as the discrepancy accumulates", check=">= 0")
     # --- rollouts -----------------------------------------------------------------------------------
     rollout_backend: str = arg("auto", "auto = vllm when importable", choices=("auto", "vllm", "hf"))
+    num_generations: int = arg(1, "student rollouts per prompt per step (1 = the paper); each is scored by the teacher "
+                                  "on its own tokens and counted in the step's normaliser", check="> 0")
     max_new_tokens: int = arg(1024, "rollout length cap", check="> 0")
     rollout_temperature: float = arg(1.1, "sampling temperature of the rollouts (0 = greedy)", check=">= 0")
     top_p: float = arg(0.95, "sampling nucleus", check="in (0, 1]")
@@ -95,8 +103,9 @@ class Args:
     lr_scheduler_type: str = arg("constant", "any transformers.get_scheduler name")
     warmup_steps: int = arg(0, check=">= 0")
     max_grad_norm: float = arg(0.1, check="> 0")
-    batch_size: int = arg(32, "prompts (= rollouts) per optimizer step, all processes", check="> 0")
-    per_device_train_batch_size: int = arg(4, "micro-batch; accumulation = batch_size / (this x processes)", check="> 0")
+    batch_size: int = arg(32, "prompts per optimizer step, all processes; rollouts = this x --num_generations", check="> 0")
+    per_device_train_batch_size: int = arg(4, "rollouts per micro-batch; accumulation = batch_size x num_generations / "
+                                              "(this x processes)", check="> 0")
     max_steps: int = arg(150, "optimizer steps", check="> 0")
     gradient_checkpointing: bool = arg(True, "on GPU only")
     seed: int = arg(42)
@@ -117,6 +126,9 @@ def parse_args(argv=None) -> Args:
          f"--method {args.method} normalises by sum(M) itself: --weighting / --reduction do not apply"),
         (args.resume_from_checkpoint in (None, "latest") or os.path.isdir(args.resume_from_checkpoint),
          f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint}"),
+        (L.METHODS[args.method].loss == "clipped_fkl" or (args.beta, args.teacher_top_k) == (0, 0),
+         f"--beta / --teacher_top_k change the clipped forward KL; --method {args.method} does not use it"),
+        (args.beta == 0 or args.teacher_top_k == 0, "--teacher_top_k is a forward KL: use it with --beta 0"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -166,8 +178,8 @@ def setup(args: Args) -> Run:
     backend = R.resolve_backend(args.rollout_backend)
     accelerator.print(f"[train] {args.method} (loss {method.loss}, weighting {weighting}, reduction {reduction}); "
                       f"{len(data)} problems; {accelerator.num_processes} process(es) x {args.per_device_train_batch_size}"
-                      f" x {grad_accum} accumulation = {args.batch_size} prompts/step; rollouts: {backend}; "
-                      f"dtype {resolve_dtype(args.dtype)}")
+                      f" x {grad_accum} accumulation = {args.batch_size} prompts x {args.num_generations} rollouts/step; "
+                      f"rollouts: {backend}; dtype {resolve_dtype(args.dtype)}")
     run = Run(args=args, accelerator=accelerator, tok=tok, data=data, model=model, frozen_teacher=frozen_teacher,
               optimizer=optimizer, scheduler=scheduler, engine=build_engine(args, accelerator, model, tok, model_path),
               micro=args.per_device_train_batch_size, grad_accum=grad_accum, loss_name=method.loss,
@@ -194,10 +206,14 @@ def build_accelerator(args: Args):
               "needs MPI for more). For N CPU processes: accelerate launch --multi_gpu --num_processes N train.py ...")
     # cpu=True on a machine without CUDA: torchrun / `accelerate launch --multi_gpu` processes then form a gloo group.
     world, micro = PartialState(cpu=not on_gpu).num_processes, args.per_device_train_batch_size
-    if args.batch_size % (micro * world):
-        fail(PROG, f"--batch_size {args.batch_size} is not divisible by per_device_train_batch_size x processes "
-                   f"= {micro} x {world}")
-    grad_accum = args.batch_size // (micro * world)
+    # Prompts are split over processes; each process's prompts x num_generations rollouts over its micro-batches.
+    rollouts, g = args.batch_size * args.num_generations, args.num_generations
+    if args.batch_size % world:
+        fail(PROG, f"--batch_size {args.batch_size} (prompts) is not divisible by the {world} processes")
+    if rollouts % (micro * world):
+        what = f"--batch_size {args.batch_size}" if g == 1 else f"--batch_size x --num_generations = {args.batch_size} x {g}"
+        fail(PROG, f"{what} is not divisible by per_device_train_batch_size x processes = {micro} x {world}")
+    grad_accum = rollouts // (micro * world)
     bf16 = on_gpu and resolve_dtype(args.dtype) == torch.bfloat16
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=grad_accum,
                               log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir)
@@ -324,10 +340,10 @@ def reduce_sums(acc, values: dict[str, float]) -> dict[str, float]:
 def step_batch(run, step: int) -> tuple[list[dict], int]:
     """This process's prompts for ``step`` and the index of its first one within the step's global batch.
 
-    A seeded permutation per epoch, cut into global batches of ``--batch_size``; process r takes slice r.
+    A seeded permutation per epoch, cut into global batches of ``--batch_size`` prompts; process r takes slice r.
     So prompts are disjoint across processes and depend only on (seed, step): deterministic and resumable.
     """
-    args, per_rank = run.args, run.micro * run.grad_accum
+    args, per_rank = run.args, run.args.batch_size // run.accelerator.num_processes
     epoch, k = divmod(step, len(run.data) // args.batch_size)
     order = random.Random(args.seed + epoch).sample(range(len(run.data)), len(run.data))
     offset = k * args.batch_size + run.accelerator.process_index * per_rank
@@ -335,13 +351,24 @@ def step_batch(run, step: int) -> tuple[list[dict], int]:
 
 
 def sample_rollouts(run: Run, batch: list[dict], step: int) -> list[R.Rollout]:
-    """One on-policy rollout per prompt with the current weights, seeded by (seed, step, process) only."""
+    """``--num_generations`` G on-policy rollouts per prompt with the current weights, seeded by (seed, step,
+    process) only: ``[len(batch) * G]``, prompt-major (prompt 0's G samples, then prompt 1's, ...)."""
     args = run.args
     seed = args.seed * 1_000_003 + step * 1009 + run.accelerator.process_index
-    groups = R.generate(run.engine, [b["student_ids"] for b in batch], n=1, seeds=seed, max_new_tokens=args.max_new_tokens,
-                        temperature=args.rollout_temperature, top_p=args.top_p, top_k=args.top_k)
+    groups = R.generate(run.engine, [b["student_ids"] for b in batch], n=args.num_generations, seeds=seed,
+                        max_new_tokens=args.max_new_tokens, temperature=args.rollout_temperature, top_p=args.top_p,
+                        top_k=args.top_k)
     R.sleep(run.engine)  # GPU: free the engine's KV cache and weights for the train pass (no-op on CPU)
-    return [g[0] for g in groups]
+    return [r for g in groups for r in g]
+
+
+def per_rollout(batch: list[dict], rollouts: list) -> list[dict]:
+    """Each prompt repeated for its rollouts (``sample_rollouts`` is prompt-major): the problem of every rollout.
+    The teacher / student prompts are the pre-rendered ids of that problem, so nothing is re-encoded."""
+    g, rest = divmod(len(rollouts), len(batch))
+    if rest or g < 1:
+        raise ValueError(f"{len(rollouts)} rollouts for {len(batch)} prompts: not a whole number per prompt")
+    return [b for b in batch for _ in range(g)]
 
 
 def hidden_states(run, batch, comps):
@@ -360,7 +387,8 @@ def accumulate_gradients(run: Run, batch: list[dict], rollouts: list, step: int)
     "weights" [N_local], "stats"}`` with ``loss`` summed over processes.
     """
     args, acc, micro = run.args, run.accelerator, run.micro
-    # The loss normaliser: completion tokens / sequences of the whole step, all processes.
+    batch = per_rollout(batch, rollouts)  # G rollouts per prompt: sequence i is rollout i with its own problem
+    # The loss normaliser: completion tokens / sequences (rollouts) of the whole step, all processes.
     lengths_all = torch.tensor([len(r.completion_ids) for r in rollouts])
     totals = reduce_sums(acc, {"tokens": lengths_all.sum().item(), "sequences": len(rollouts)})
     micro_batches = [(batch[m:m + micro], [r.completion_ids for r in rollouts[m:m + micro]], lengths_all[m:m + micro].to(acc.device))
@@ -431,7 +459,7 @@ def step_metrics(run: Run, batch, rollouts, out: dict, grad_norm, times: dict, s
     acc, w = run.accelerator, out["weights"]
     texts = run.tok.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
     graded = [grading.grade(t, b["answer"]) if b["answer"] else (grading.extract_answer(t), False)
-              for t, b in zip(texts, batch)]
+              for t, b in zip(texts, per_rollout(batch, rollouts))]
     sums = reduce_sums(acc, {"rollouts": len(rollouts), "truncated": sum(r.truncated for r in rollouts),
                              "boxed": sum(a is not None for a, _ in graded), "correct": sum(c for _, c in graded),
                              "weight_sum": w.sum().item(), "weights": w.numel()})

@@ -6,7 +6,12 @@
 (a) naive:     full log-softmax of student and teacher logits [N, V], point-wise KL, clamp, sum over V
                -- the pattern of a straightforward implementation;
 (b) reference: loss.clipped_forward_kl on full logits (the readable spec in loss.py);
-(c) chunked:   loss.chunked_clipped_fkl on hidden states, --chunk tokens at a time.
+(c) chunked:   loss.chunked_clipped_fkl on hidden states, --chunk tokens at a time;
+(d) jsd:       loss.clipped_generalized_jsd at --beta (default 0.5) on full logits (reference path only);
+(e) topk:      loss.clipped_topk_forward_kl, the teacher's top --top_k (default 20) + a tail bucket, on full logits;
+(f) jsd-chunked / topk-chunked: (d) / (e) through train.py's chunked path (loss.checkpointed_chunks, --chunk tokens).
+
+    python bench/loss_memory.py --N 128 --H 256 --impls reference chunked jsd topk   # a small-memory run
 
 Each runs in its own process, so one's allocations cannot flatter another's. "Peak above inputs" is the
 peak resident memory (CPU: VmHWM after resetting it; CUDA: max_memory_allocated) minus what the inputs
@@ -21,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,9 +58,19 @@ def worker(a):
         pointwise = torch.exp(log_p_t) * (log_p_t - log_p_s)
         return (coef * torch.clamp(pointwise, max=c).sum(-1)).sum()
 
+    ctx = SimpleNamespace(coef=coef)
+
+    def hp(beta, top_k):
+        return SimpleNamespace(temperature=T, clip=c, beta=beta, teacher_top_k=top_k, loss_chunk_size=a.chunk)
+
     fn = {"naive": naive,
           "reference": lambda: (coef * L.clipped_forward_kl(h_s @ W.T, h_t @ W.T, T, c)).sum(),
-          "chunked": lambda: L.chunked_clipped_fkl(h_s, h_t, W, W, coef, T, c, a.chunk)[0]}[a.worker]
+          "chunked": lambda: L.chunked_clipped_fkl(h_s, h_t, W, W, coef, T, c, a.chunk)[0],
+          "jsd": lambda: (coef * L.clipped_generalized_jsd(h_s @ W.T, h_t @ W.T, T, c, a.beta)).sum(),
+          "topk": lambda: (coef * L.clipped_topk_forward_kl(h_s @ W.T, h_t @ W.T, T, c, a.top_k)).sum(),
+          # the same two through train.py's chunked path (activation-checkpointed chunks of --chunk tokens)
+          "jsd-chunked": lambda: L.step_loss("clipped_fkl", "chunked", h_s, h_t, W, W, ctx, hp(a.beta, 0))[0],
+          "topk-chunked": lambda: L.step_loss("clipped_fkl", "chunked", h_s, h_t, W, W, ctx, hp(0.0, a.top_k))[0]}[a.worker]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times, value = [], None
     for i in range(a.repeats + (1 if dev.type == "cuda" else 0)):  # one warm-up on GPU
@@ -88,16 +104,19 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--beta", type=float, default=0.5, help="jsd: the generalized JSD's beta")
+    p.add_argument("--top_k", type=int, default=20, help="topk: teacher tokens kept")
     p.add_argument("--impls", nargs="+", default=["naive", "reference", "chunked"])
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         return worker(a)
-    print(f"V={a.V} H={a.H} N={a.N} chunk={a.chunk} {a.dtype} on {a.device}; one process per implementation")
+    print(f"V={a.V} H={a.H} N={a.N} chunk={a.chunk} beta={a.beta} top_k={a.top_k} {a.dtype} on {a.device}; "
+          "one process per implementation")
     rows = {}
     for impl in a.impls:
-        cmd = [sys.executable, __file__, "--worker", impl] + [x for k in ("V", "H", "N", "chunk", "dtype", "device", "repeats")
-                                                              for x in (f"--{k}", str(getattr(a, k)))]
+        keys = ("V", "H", "N", "chunk", "dtype", "device", "repeats", "beta", "top_k")
+        cmd = [sys.executable, __file__, "--worker", impl] + [x for k in keys for x in (f"--{k}", str(getattr(a, k)))]
         # A fixed mmap threshold stops glibc from keeping freed [chunk, V] buffers in the heap, where they
         # would still count as resident memory (the same setting for every implementation).
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
@@ -110,7 +129,7 @@ def main():
     for impl, r in rows.items():
         print(f"| {impl} | {r['peak_gib']:.2f} | {r['seconds']:.2f} | {r['loss']:.6f} | {r['grad_norm']:.6e} |")
     if "naive" in rows:
-        for impl in ("reference", "chunked"):
+        for impl in ("reference", "chunked", "jsd", "topk", "jsd-chunked", "topk-chunked"):
             if impl in rows:
                 print(f"{impl} / naive: memory {rows[impl]['peak_gib'] / rows['naive']['peak_gib']:.3f}x, "
                       f"time {rows[impl]['seconds'] / rows['naive']['seconds']:.2f}x")
