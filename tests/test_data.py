@@ -245,3 +245,63 @@ def test_check_same_settings(tmp_path):
         check_same_settings(path, {"top_p": 1.0, "n": 2}, "x.py")
     check_same_settings(path, {"top_p": 1.0, "n": 2}, "x.py", active=False)  # nothing to continue: rewritten
     assert '"top_p": 1.0' in path.read_text()
+    check_same_settings(path, {"top_p": 0.5, "n": 2}, "x.py", active=False, write=False)  # compare-only call writes nothing
+    assert '"top_p": 1.0' in path.read_text()
+    path.write_text('{"top_p": 1.')  # torn by a kill: one line, not a traceback
+    with pytest.raises(SystemExit, match="unreadable settings"):
+        check_same_settings(path, {"top_p": 1.0}, "x.py")
+
+
+# ------------------------------------------------------------------------------------------ output folders
+def _out_error(path, **kw):
+    from data import check_output_dir
+
+    with pytest.raises(SystemExit) as e:
+        check_output_dir(path, "x.py", **kw)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_check_output_dir_refuses_files_and_unwritable_folders(tmp_path, monkeypatch):
+    import os
+
+    from data import check_output_dir
+
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    assert _out_error(f) == f"x.py: --output_dir {f}: is a file, not a folder"
+    assert _out_error(f / "sub" / "dir") == f"x.py: --output_dir {f / 'sub' / 'dir'}: {f} is a file, not a folder"
+    assert "--save_merged" in _out_error(f, flag="--save_merged")
+    # a new folder below an existing one is fine and is not made here
+    assert check_output_dir(tmp_path / "new" / "deeper", "x.py") == [] and not (tmp_path / "new").exists()
+    assert os.listdir(tmp_path) == ["a_file"]  # the write probe left nothing behind
+    # unwritable: a real read-only folder where permissions bind (not root), and a refused write for everyone
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        assert "is not writable" in _out_error(ro / "out")
+        ro.chmod(0o700)
+    import tempfile
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    assert _out_error(tmp_path / "out") == f"x.py: --output_dir {tmp_path / 'out'}: {tmp_path} is not writable (Permission denied)"
+
+
+def test_check_output_dir_lists_an_earlier_run_and_clear_deletes_only_it(tmp_path):
+    from data import check_output_dir, clear_output_dir
+
+    patterns = ("metrics.jsonl", "checkpoint-*")
+    assert check_output_dir(tmp_path, "x.py", patterns) == []
+    (tmp_path / "notes.txt").write_text("mine")
+    assert check_output_dir(tmp_path, "x.py", patterns) == []  # other files are not a run
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-10.tmp").mkdir()
+    assert check_output_dir(tmp_path, "x.py", patterns) == ["checkpoint-10.tmp", "checkpoint-5", "metrics.jsonl"]
+    assert clear_output_dir(tmp_path, patterns) == ["checkpoint-10.tmp", "checkpoint-5", "metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert clear_output_dir(tmp_path / "absent", patterns) == []

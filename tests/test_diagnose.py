@@ -317,3 +317,52 @@ def test_vllm_backend_budgets_and_per_request_seeds(tmp_path, smollm2_dir):
     b = gen([[5, 6, 7], [1, 2, 3, 900]], [4, 6], 2, [13, 11])
     assert [[len(c) for c in cs] for cs in a][1] == [1, 1] and all(1 <= len(c) <= 6 for c in a[0])
     assert a[0] == b[1] and a[0][0] != a[0][1]
+
+
+# ---------------------------------------------------------------------------------------------- output folders
+def _tiny_diag(model_dir, out, *extra):
+    return ["--model", model_dir, "--dataset", "demo-arithmetic", "--num_problems", "1", "--positions_per_spine", "1",
+            "--alternatives", "1", "--continuations", "1", "--max_new_tokens", "4", "--bootstrap", "0",
+            "--rollout_backend", "hf", "--output_dir", str(out), *extra]
+
+
+def _diag_error(fn, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    assert str(e.value).startswith("diagnose.py: ") and "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_output_folder_checks_come_before_the_model(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert _diag_error(D.parse_args, ["--output_dir", str(f)]) == f"diagnose.py: --output_dir {f}: is a file, not a folder"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "spines.jsonl").write_text("{}\n")
+    assert "holds spines.jsonl without the config.json" in _diag_error(D.parse_args, ["--output_dir", str(out)])
+    (out / "config.json").write_text(json.dumps({k: getattr(D.parse_args([]), k) for k in D.EXPERIMENT_FLAGS}))
+    D.parse_args(["--output_dir", str(out)])  # the same experiment: resumed
+    D.parse_args(["--output_dir", str(out), "--threshold", "0.7"])  # an analysis flag may change
+    # another experiment: refused by parse_args, i.e. before any model loads; a nonexistent model proves it
+    message = _diag_error(D.parse_args, ["--output_dir", str(out), "--seed", "3", "--model", "/no/such/model"])
+    assert message.endswith("(now '/no/such/model'), --seed=0 (now 3); use another --output_dir or --overwrite_output_dir true")
+    D.parse_args(["--output_dir", str(out), "--seed", "3", "--overwrite_output_dir", "true"])
+    assert (out / "spines.jsonl").read_text() == "{}\n"  # parsing deletes nothing
+
+
+def test_overwrite_clears_the_old_run_only_after_the_inputs_load(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    old = {"config.json": json.dumps({"seed": 99}), "spines.jsonl": "{}\n", "branches.jsonl": "{}\n", "notes.txt": "mine"}
+    for name, text in old.items():
+        (out / name).write_text(text)
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")  # no solution: load_inputs fails
+    _diag_error(D.main, _tiny_diag(tiny_model_dir, out, "--overwrite_output_dir", "true", "--dataset", str(bench)))
+    assert {p.name: p.read_text() for p in out.iterdir()} == old
+    D.main(_tiny_diag(tiny_model_dir, out, "--overwrite_output_dir", "true"))
+    assert json.loads((out / "config.json").read_text())["seed"] == 0 and (out / "notes.txt").read_text() == "mine"
+    spines = [json.loads(l) for l in (out / "spines.jsonl").read_text().splitlines()]
+    assert len(spines) == 1 and spines[0]["problem_id"] == "demo-0-0"
+    assert set(D.RUN_FILES) <= {p.name for p in out.iterdir()}

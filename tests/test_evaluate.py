@@ -291,3 +291,109 @@ def test_vllm_backend_runs_and_resumes(tmp_path, smollm2_dir):
     assert run.returncode == 0, run.stderr[-3000:]
     again = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert sorted(again, key=E.sample_key) == sorted(rows, key=E.sample_key)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output folders: checked first, never mixed, cleared only when asked and only once the model loaded,
+# and never given model weights unless --save_merged names them
+# --------------------------------------------------------------------------------------------------
+def _adapter_checkpoint(tiny_model_dir, path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False)).save_pretrained(path / "adapter")
+    return str(path)
+
+
+def _tiny_eval(model, bench, out, *extra):
+    return ["--model", model, "--benchmarks", bench, "--n", "1", "--seeds", "0", "--max_new_tokens", "2",
+            "--rollout_backend", "hf", "--output_dir", str(out), *extra]
+
+
+def _eval_error(argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        E.main(argv)
+    assert str(e.value).startswith("evaluate.py: ") and "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_output_dir_that_cannot_be_a_folder_fails_first(tiny_model_dir, tmp_path):
+    bench = _write_jsonl(tmp_path / "one.jsonl", [{"problem": "What is 2 + 2?", "answer": "4"}])
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert _eval_error(_tiny_eval(tiny_model_dir, bench, f)) == f"evaluate.py: --output_dir {f}: is a file, not a folder"
+    assert "is a file, not a folder" in _eval_error(_tiny_eval(tiny_model_dir, bench, f / "sub"))
+    assert "--save_merged" in _eval_error(_tiny_eval(tiny_model_dir, bench, tmp_path / "o", "--save_merged", str(f)))
+    assert not (tmp_path / "o").exists()
+
+
+def test_another_run_is_refused_and_overwrite_clears_it_only_after_the_model_loads(tiny_model_dir, tmp_path):
+    bench = _write_jsonl(tmp_path / "one.jsonl", [{"problem": "What is 2 + 2?", "answer": "4"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "samples.jsonl").write_text('{"benchmark": "x", "problem_id": "0", "seed": 0, "sample": 0}\n')
+    old = (out / "samples.jsonl").read_text()
+    # samples without the record of their settings: refused
+    assert "holds samples.jsonl without the settings.json" in _eval_error(_tiny_eval(tiny_model_dir, bench, out))
+    (out / "settings.json").write_text(json.dumps({"model": "another", "rollout_temperature": 1.0}))
+    assert "holds a run made with --model='another'" in _eval_error(_tiny_eval(tiny_model_dir, bench, out))
+    # --overwrite_output_dir with a model that does not load: nothing is deleted, settings untouched
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    with pytest.raises(SystemExit, match="cannot load"):
+        E.main(_tiny_eval(str(not_a_model), bench, out, "--overwrite_output_dir", "true"))
+    assert (out / "samples.jsonl").read_text() == old and "another" in (out / "settings.json").read_text()
+    # with a good model: the old run is gone, the new one alone; other files are kept
+    (out / "notes.txt").write_text("mine")
+    E.main(_tiny_eval(tiny_model_dir, bench, out, "--overwrite_output_dir", "true"))
+    rows = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["benchmark"] for r in rows] == [E.benchmark_label(bench)]
+    assert json.loads((out / "settings.json").read_text())["model"] == tiny_model_dir
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "samples.jsonl", "settings.json", "summary.json"]
+    # the same settings again: resumed (nothing regenerated), as before
+    E.main(_tiny_eval(tiny_model_dir, bench, out))
+    assert [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()] == rows
+
+
+RUN_ONLY = ["samples.jsonl", "settings.json", "summary.json"]
+
+
+def test_evaluating_an_adapter_writes_no_model_files_hf(tiny_model_dir, tmp_path):
+    ckpt = _adapter_checkpoint(tiny_model_dir, tmp_path / "checkpoint-3")
+    bench = _write_jsonl(tmp_path / "one.jsonl", [{"problem": "What is 2 + 2?", "answer": "4"}])
+    E.main(_tiny_eval(ckpt, bench, tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path / "out")) == RUN_ONLY
+
+
+def test_evaluating_an_adapter_writes_no_model_files_vllm(tiny_model_dir, tmp_path, monkeypatch):
+    """The vLLM path reads the merged model from disk: a temporary folder outside --output_dir, deleted after.
+    (The engine is an HF one on that folder here; tests/test_vllm.py and test_vllm_backend_runs_and_resumes
+    run the real one.)"""
+    import rollout as R
+
+    if not R.vllm_available():
+        pytest.skip("vllm is not importable")
+    ckpt = _adapter_checkpoint(tiny_model_dir, tmp_path / "checkpoint-3")
+    bench = _write_jsonl(tmp_path / "one.jsonl", [{"problem": "What is 2 + 2?", "answer": "4"}])
+    real, seen = R.make_engine, {}
+
+    def engine_on_the_merged_folder(backend, model_path=None, **kw):
+        assert backend == "vllm"
+        seen["path"], seen["files"] = model_path, sorted(os.listdir(model_path))
+        return real("hf", model_path, tokenizer=kw["tokenizer"], dtype="float32")
+
+    monkeypatch.setattr(R, "make_engine", engine_on_the_merged_folder)
+    out = tmp_path / "out"
+    argv = _tiny_eval(ckpt, bench, out)
+    argv[argv.index("hf")] = "vllm"
+    E.main(argv)
+    assert {"config.json", "model.safetensors"} <= set(seen["files"])  # vLLM was given the merged weights
+    assert not Path(seen["path"]).exists() and tmp_path not in Path(seen["path"]).parents  # ... and they are gone
+    assert sorted(os.listdir(out)) == RUN_ONLY
+    # --save_merged DIR: kept there, and only there
+    E.main(argv + ["--save_merged", str(tmp_path / "merged"), "--overwrite_output_dir", "true"])
+    assert seen["path"] == str(tmp_path / "merged") and (tmp_path / "merged" / "model.safetensors").is_file()
+    assert sorted(os.listdir(out)) == RUN_ONLY

@@ -82,3 +82,144 @@ def test_long_prompts_are_skipped_and_counted(tiny_model_dir, tmp_path):
     data.write_text("\n".join(json.dumps(r) for r in rows))
     p = run_train(*tiny_args(tiny_model_dir, str(tmp_path / "o"), max_steps=1, dataset=data, save_steps=100))
     assert "skipped 1 of 5 problems whose prompt exceeds --max_prompt_length 512" in p.stdout + p.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output folders: never mix two runs; resume only with the same run-defining arguments
+# ---------------------------------------------------------------------------------------------------------
+def _parse(argv):
+    import train
+
+    return train.parse_args([str(a) for a in argv])
+
+
+def _parse_error(argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        _parse(argv)
+    message = str(e.value)
+    assert message.startswith("train.py: ") and "\n" not in message
+    return message
+
+
+def _fake_checkpoint(out, step=2, **over):
+    """A checkpoint folder as save_checkpoint writes it, made by a run with tiny_args(**over)."""
+    import dataclasses
+
+    saved = dataclasses.asdict(_parse(tiny_args("tiny", str(out.parent / "unused"), max_steps=4, **over)))
+    ck = out / f"checkpoint-{step}"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text(json.dumps({"step": step, "args": {**saved, "output_dir": str(out)}}))
+    return ck
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"batch_size": 8}, "--batch_size 4 -> 8"),
+    ({"dataset": "other.jsonl"}, "--dataset demo-arithmetic -> other.jsonl"),
+    ({"seed": 2}, "--seed 1 -> 2"),
+    ({"method": "opsd"}, "--method pwopsd -> opsd"),
+    ({"model": "other-model"}, "--model tiny -> other-model"),
+    ({"lora_r": 8}, "--lora_r 4 -> 8"),
+    ({"lora_target_modules": "q_proj"}, "--lora_target_modules q_proj k_proj v_proj o_proj gate_proj up_proj down_proj -> q_proj"),
+    ({"clip": 0.1}, "--clip 0.05 -> 0.1"),
+    ({"w_min": 0.5}, "--w_min 0.25 -> 0.5"),
+    ({"temperature": 1.0}, "--temperature 1.1 -> 1.0"),
+    ({"max_new_tokens": 16}, "--max_new_tokens 12 -> 16"),
+    ({"top_p": 1.0}, "--top_p 0.95 -> 1.0"),
+    ({"rollout_temperature": 0.7}, "--rollout_temperature 1.1 -> 0.7"),
+    ({"use_lora": "false"}, "--use_lora true -> false"),
+    ({"learning_rate": 1e-3}, "--learning_rate 0.01 -> 0.001"),
+])
+def test_resume_with_other_run_defining_arguments_is_refused(tmp_path, change, expected):
+    out = tmp_path / "run"
+    ck = _fake_checkpoint(out)
+    change = dict(change)
+    model = change.pop("model", "tiny")
+    for resume in ("latest", str(ck)):
+        message = _parse_error(tiny_args(model, str(out), max_steps=4, resume_from_checkpoint=resume, **change))
+        assert f"--resume_from_checkpoint {ck} was made with other arguments: {expected} (" in message
+
+
+def test_resume_lists_every_difference_and_allows_the_listed_ones(tmp_path):
+    import train
+
+    out = tmp_path / "run"
+    ck = _fake_checkpoint(out)
+    message = _parse_error(tiny_args("tiny", str(out), max_steps=4, resume_from_checkpoint="latest", batch_size=8,
+                                     seed=3))
+    assert "--seed 1 -> 3" in message and "--batch_size 4 -> 8" in message
+    # what may change: run length, cadence, logging, memory knobs
+    ok = _parse(tiny_args("tiny", str(out), max_steps=10, save_steps=5, report_to="tensorboard",
+                          per_device_train_batch_size=1, loss_chunk_size=64, resume_from_checkpoint="latest"))
+    assert train.check_run_folder(ok) == str(ck)
+    assert {"max_steps", "save_steps", "report_to", "output_dir"} <= set(train.MAY_CHANGE_ON_RESUME)
+    assert set(train.MAY_CHANGE_ON_RESUME) <= {f.name for f in __import__("dataclasses").fields(train.Args)}
+    # a checkpoint saved by an older version without some argument: that argument is not compared
+    state = json.loads((ck / "trainer_state.json").read_text())
+    del state["args"]["w_s"]
+    (ck / "trainer_state.json").write_text(json.dumps(state))
+    _parse(tiny_args("tiny", str(out), max_steps=4, w_s=0.2, resume_from_checkpoint="latest"))
+    # an incomplete checkpoint folder given by path
+    (out / "checkpoint-9").mkdir()
+    assert "no trainer_state.json" in _parse_error(tiny_args("tiny", str(out), resume_from_checkpoint=out / "checkpoint-9"))
+
+
+def test_output_dir_that_cannot_be_a_folder_fails_before_anything_loads(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert _parse_error(tiny_args("tiny", str(f), max_steps=1)) == f"train.py: --output_dir {f}: is a file, not a folder"
+    assert "is a file, not a folder" in _parse_error(tiny_args("tiny", str(f / "sub"), max_steps=1))
+    assert _parse(tiny_args("tiny", str(tmp_path / "fresh" / "run"), max_steps=1)).output_dir  # made later, not now
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_folder_holding_another_run_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    message = _parse_error(tiny_args("tiny", str(out), max_steps=1))
+    assert message == (f"train.py: --output_dir {out} holds another run (metrics.jsonl): continue it with "
+                       f"--resume_from_checkpoint latest, clear it with --overwrite_output_dir true, or use another --output_dir")
+    _fake_checkpoint(out, 5)
+    assert "(checkpoint-5, metrics.jsonl)" in _parse_error(tiny_args("tiny", str(out), max_steps=1))
+    assert "contradict" in _parse_error(tiny_args("tiny", str(out), overwrite_output_dir="true",
+                                                  resume_from_checkpoint="latest"))
+    # a checkpoint of another folder resumed into this one would mix them too
+    other = _fake_checkpoint(tmp_path / "other", 2)
+    assert "is not in --output_dir" in _parse_error(tiny_args("tiny", str(out), max_steps=4, resume_from_checkpoint=other))
+    (out / "notes.txt").write_text("not a run")
+    (out / "metrics.jsonl").unlink()
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-5")
+    _parse(tiny_args("tiny", str(out), max_steps=1))  # other files are not a run
+
+
+def test_overwrite_clears_the_old_run_only_after_the_inputs_load(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    run_train(*tiny_args(tiny_model_dir, str(out), max_steps=2))
+    (out / "notes.txt").write_text("mine")
+    before = (out / "metrics.jsonl").read_text()
+    # a bad input after the flags parse (missing dataset): nothing is deleted
+    p = run_train(*tiny_args(tiny_model_dir, str(out), max_steps=1, dataset=tmp_path / "missing.jsonl",
+                             overwrite_output_dir="true"), check=False)
+    assert p.returncode != 0 and "missing.jsonl: no such file" in p.stderr.strip().splitlines()[-1]
+    assert (out / "metrics.jsonl").read_text() == before and (out / "checkpoint-2").is_dir()
+    # the same with good inputs: the old run is gone, the new one is alone (other files kept)
+    p = run_train(*tiny_args(tiny_model_dir, str(out), max_steps=1, overwrite_output_dir="true"))
+    assert "deleted checkpoint-2, metrics.jsonl" in p.stdout + p.stderr
+    assert sorted(os.listdir(out)) == ["checkpoint-1", "metrics.jsonl", "notes.txt"]
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [1]
+
+
+def test_resume_latest_without_a_checkpoint_starts_fresh(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty"
+    p = run_train(*tiny_args(tiny_model_dir, str(empty), max_steps=1, resume_from_checkpoint="latest"))
+    assert "no checkpoint in" in p.stdout + p.stderr and "starting fresh" in p.stdout + p.stderr
+    assert [json.loads(l)["step"] for l in open(empty / "metrics.jsonl")] == [1]
+    # killed before its first checkpoint: the logged steps are re-run, not appended to
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text('{"step": 1, "loss": -1.0}\n{"step": 2, "lo')
+    run_train(*tiny_args(tiny_model_dir, str(killed), max_steps=1, save_steps=5, resume_from_checkpoint="latest"))
+    rows = [json.loads(l) for l in open(killed / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1] and rows[0]["loss"] != -1.0
