@@ -133,9 +133,11 @@ def completion_hidden_states(model, prompts: list[list[int]], completions: list[
 
 # PLUMBING: the teacher network (adapter off, no grad)
 @contextlib.contextmanager
-def teacher_mode(model, frozen_copy=None):
+def teacher_mode(model, frozen_copy=None, adapter: str | None = None):
     """Yield the network to use as the teacher: ``frozen_copy`` if given (full fine-tuning), else ``model``
-    with its LoRA adapter disabled (= the initial policy). Always under ``torch.no_grad()``."""
+    with its LoRA adapter disabled (= the initial policy), or with the peft adapter named ``adapter`` active
+    instead of the student's (the EMA teacher). Always under ``torch.no_grad()``; on exit the student's
+    adapter is active and trainable again, the other adapter frozen."""
     with torch.no_grad():
         if frozen_copy is not None:
             yield frozen_copy
@@ -143,8 +145,17 @@ def teacher_mode(model, frozen_copy=None):
         peft_model = model
         while hasattr(peft_model, "module"):
             peft_model = peft_model.module
-        with peft_model.disable_adapter():
+        if adapter is None:
+            with peft_model.disable_adapter():
+                yield peft_model
+            return
+        student = peft_model.active_adapter
+        # inference_mode: switching must not make the teacher's adapter trainable (peft's default does).
+        peft_model.set_adapter(adapter, inference_mode=True)
+        try:
             yield peft_model
+        finally:
+            peft_model.set_adapter(student)
 
 
 @dataclass

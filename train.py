@@ -12,7 +12,9 @@ Each optimizer step (paper, Sec. 4 / Alg. 1), numbered as in ``main``:
      (completion tokens and sequences over all processes); backward;
   4. clips the gradient norm and steps the optimizer and the learning-rate schedule;
   5. (vLLM) pushes the new weights into the rollout engine;
-  6. logs the step's metrics (reduced over processes by name) and saves a checkpoint every --save_steps.
+  6. logs the step's metrics (reduced over processes by name) and saves a checkpoint every --save_steps;
+  7. (--eval_steps N) evaluates the current policy at step 0 and every N steps with the same engine.
+With --teacher ema the teacher pass uses a second LoRA adapter, an EMA of the student updated after step 4.
 
 Arguments come from flags and/or ``--config FILE.yaml`` (flags win; unknown keys are an error; see
 ``python train.py --help``).
@@ -39,8 +41,9 @@ from teacher import completion_hidden_states, lm_head_weight, render_problems, t
 
 PROG = "train.py"
 REPORTERS = ("none", "tensorboard", "wandb", "trackio")
-# What a run writes into --output_dir (all that --overwrite_output_dir true deletes; "pw-opsd" = tracker logs).
-RUN_FILES = ("metrics.jsonl", "checkpoint-*", "pw-opsd")
+# What a run writes into --output_dir (all that --overwrite_output_dir true deletes; "pw-opsd" = tracker logs,
+# "eval" = evaluation during training).
+RUN_FILES = ("metrics.jsonl", "checkpoint-*", "pw-opsd", "eval")
 # Arguments that may differ when a run is resumed: run length and checkpoint cadence (a new --max_steps also
 # stretches or shortens a decaying learning-rate schedule), where things are written and logged, and knobs
 # that change memory or speed but not the numbers (micro-batch size: the step's gradient is the same however
@@ -48,7 +51,12 @@ RUN_FILES = ("metrics.jsonl", "checkpoint-*", "pw-opsd")
 # match the checkpoint's.
 MAY_CHANGE_ON_RESUME = ("max_steps", "save_steps", "output_dir", "resume_from_checkpoint", "overwrite_output_dir",
                         "config", "report_to", "per_device_train_batch_size", "gradient_checkpointing",
-                        "loss_impl", "loss_chunk_size", "gpu_memory_utilization", "kv_cache_gib", "trust_remote_code")
+                        "loss_impl", "loss_chunk_size", "gpu_memory_utilization", "kv_cache_gib", "trust_remote_code",
+                        # evaluation during training reads the policy, it does not change it
+                        "eval_steps", "eval_benchmarks", "eval_n", "eval_limit", "eval_temperature", "eval_top_p",
+                        "eval_max_new_tokens", "eval_thinking")
+TEACHERS = ("base", "ema")
+EMA_ADAPTER = "ema"  # peft adapter name of the EMA teacher; the student is peft's "default"
 
 
 @dataclass
@@ -103,6 +111,23 @@ class Args:
     kv_cache_gib: float = arg(1.0, "vLLM on CPU: KV cache size (GiB)", check="> 0")
     vllm_sync_every: int = arg(1, "push weights to vLLM every N optimizer steps (N > 1: rollouts come from a "
                                   "policy up to N-1 steps old)", check="> 0")
+    # --- teacher -------------------------------------------------------------------------------------
+    teacher: str = arg("base", "the privileged teacher's weights: base = the initial policy (the paper); ema = an "
+                               "exponential moving average of the student, kept as a second, frozen LoRA adapter",
+                       choices=TEACHERS)
+    teacher_ema_decay: float = arg(0.999, "--teacher ema: after each optimizer step teacher <- decay x teacher + "
+                                          "(1 - decay) x student (0.999 = the official OPSD EMA run)", check="in [0, 1]")
+    # --- evaluation during training (evaluate.py's protocol and metrics, through the training engine) -------
+    eval_steps: int = arg(0, "Avg@n / Pass@k of the current policy at step 0 and every N optimizer steps (0 = off)",
+                          check=">= 0")
+    eval_benchmarks: list[str] = arg(["math500", "aime24", "aime25"], "evaluate.py benchmark names and/or local "
+                                                                      ".jsonl/.json/.parquet files")
+    eval_n: int = arg(4, "samples per problem", check=">= 1")
+    eval_limit: int | None = arg(None, "first N problems of each benchmark", check=">= 1")
+    eval_temperature: float = arg(1.0, "sampling temperature of the evaluation (0 = greedy)", check=">= 0")
+    eval_top_p: float = arg(0.95, "sampling nucleus of the evaluation (top-k off)", check="in (0, 1]")
+    eval_max_new_tokens: int | None = arg(None, "evaluation response cap (default --max_new_tokens)", check=">= 1")
+    eval_thinking: bool = arg(True, "chat-template thinking mode of the evaluation prompt (evaluate.py's default)")
     # --- LoRA / optimisation ------------------------------------------------------------------------
     use_lora: bool = arg(True, "false = full fine-tuning with a frozen teacher copy")
     lora_r: int = arg(64, check="> 0")
@@ -142,11 +167,15 @@ def parse_args(argv=None) -> Args:
         (L.METHODS[args.method].loss == "clipped_fkl" or (args.beta, args.teacher_top_k) == (0, 0),
          f"--beta / --teacher_top_k change the clipped forward KL; --method {args.method} does not use it"),
         (args.beta == 0 or args.teacher_top_k == 0, "--teacher_top_k is a forward KL: use it with --beta 0"),
+        (args.teacher == "base" or args.use_lora, "--teacher ema keeps the EMA as a second LoRA adapter: it needs "
+                                                  "--use_lora true (full fine-tuning has no EMA teacher)"),
     ]
     for ok, msg in checks:
         if not ok:
             fail(PROG, msg)
     check_run_folder(args)
+    if args.eval_steps:
+        check_eval_benchmarks(args.eval_benchmarks)
     return args
 
 
@@ -221,6 +250,9 @@ class Run:
     student_head: torch.Tensor                # the student's lm_head weight [V, H], whole even under ZeRO-3 / FSDP
     teacher_head: torch.Tensor                # the teacher's lm_head [V, H]: the same tensor under LoRA
     start_step: int = 0                       # 0, or the step of the checkpoint resumed from
+    teacher_adapter: str | None = None        # --teacher ema: the peft adapter the teacher pass switches to
+    ema: list | None = None                   # --teacher ema: (name, EMA param, student param, fp32 master) per LoRA tensor
+    eval_benchmarks: dict | None = None       # --eval_steps: {label: problems} of the held-out benchmarks
 
 
 # ==================================================================================================
@@ -234,6 +266,9 @@ def setup(args: Args) -> Run:
     resume = find_checkpoint(args, accelerator)
     set_seed(args.seed)
     tok, data, model_path = build_prompts(args, accelerator)
+    eval_benchmarks = load_eval_benchmarks(args) if args.eval_steps else None  # a bad file fails before the model loads
+    if resume and args.teacher == "ema" and not (Path(resume) / "ema_adapter").is_dir():
+        fail(PROG, f"--teacher ema: {resume} has no ema_adapter/ (it was trained with --teacher base)")
     model, frozen_teacher, optimizer, scheduler = build_student_teacher(args, accelerator, model_path)
     method = L.METHODS[args.method]
     weighting, reduction = args.weighting or method.weighting, args.reduction or method.reduction
@@ -251,6 +286,9 @@ def setup(args: Args) -> Run:
               pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
               student_head=student_head,
               teacher_head=student_head if frozen_teacher is None else lm_head_weight(frozen_teacher))
+    if args.teacher == "ema":
+        run.teacher_adapter, run.ema = EMA_ADAPTER, ema_state(accelerator.unwrap_model(model))
+    run.eval_benchmarks = eval_benchmarks
     if resume:
         run.start_step = resume_from(run, resume)
     elif args.resume_from_checkpoint and accelerator.is_main_process:  # "latest", none found: restart from step 0
@@ -290,6 +328,8 @@ def build_accelerator(args: Args):
                               log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir)
     ds = accelerator.state.deepspeed_plugin
     sharded = (ds is not None and ds.zero_stage == 3) or accelerator.distributed_type.name == "FSDP"
+    if sharded and args.teacher == "ema":
+        fail(PROG, "--teacher ema with ZeRO-3 / FSDP: the EMA update reads whole LoRA tensors; use ZeRO-2 / DDP")
     if sharded and not args.use_lora:
         fail(PROG, "--use_lora false with ZeRO-3 / FSDP: the frozen teacher copy and the lm_head used by the loss "
                    "cannot be sharded; use LoRA (the teacher is then the adapter-disabled student) or ZeRO-2 / DDP")
@@ -344,8 +384,11 @@ def build_student_teacher(args: Args, accelerator, model_path: str):
     if args.use_lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                                 target_modules=args.lora_target_modules, task_type="CAUSAL_LM"))
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          target_modules=args.lora_target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+        if args.teacher == "ema":  # before the optimizer is built: the EMA adapter is never trainable
+            add_ema_teacher(model, lora)
     else:
         import copy
 
@@ -376,7 +419,9 @@ def build_engine(args: Args, accelerator, model, tok, model_path: str) -> R.Engi
     policy = accelerator.unwrap_model(model)
     if R.resolve_backend(args.rollout_backend) == "hf":
         return R.make_engine("hf", model=policy, tokenizer=tok)
-    return R.make_engine("vllm", model_path, model=policy, tokenizer=tok, max_model_len=args.max_prompt_length + args.max_new_tokens,
+    # The context also holds the evaluation's longer responses when --eval_max_new_tokens asks for them.
+    new_tokens = max(args.max_new_tokens, (args.eval_max_new_tokens or 0) if args.eval_steps else 0)
+    return R.make_engine("vllm", model_path, model=policy, tokenizer=tok, max_model_len=args.max_prompt_length + new_tokens,
                          seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
                          colocated=True, accelerator=accelerator, trust_remote_code=args.trust_remote_code)
 
@@ -388,6 +433,10 @@ def resume_from(run: Run, checkpoint: str) -> int:
     # The checkpoint holds only the trainable weights: load non-strictly (DeepSpeed names the flag differently).
     acc.load_state(checkpoint, **({"load_module_strict": False} if acc.state.deepspeed_plugin is not None else {"strict": False}))
     step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["step"]
+    if run.ema is not None:  # not a trainable tensor, so not in accelerate's state: restored from its own file
+        load_ema_teacher(run.ema, Path(checkpoint) / "ema_adapter")
+    elif (Path(checkpoint) / "ema_adapter").is_dir():
+        acc.print(f"[train] note: {checkpoint} has an EMA teacher; --teacher base ignores it")
     R.sync_weights(run.engine, run.model, acc)
     acc.print(f"[train] resumed from {checkpoint} at step {step}")
     if acc.is_main_process:
@@ -452,8 +501,8 @@ def per_rollout(batch: list[dict], rollouts: list) -> list[dict]:
 
 
 def hidden_states(run, batch, comps):
-    """Teacher (no grad, adapter off) and student final hidden states at the completion positions, [N, H] each."""
-    with teacher_mode(run.model, run.frozen_teacher) as teacher:
+    """Teacher (no grad; adapter off, or the EMA adapter) and student final hidden states at the completion positions, [N, H] each."""
+    with teacher_mode(run.model, run.frozen_teacher, run.teacher_adapter) as teacher:
         h_t = completion_hidden_states(teacher, [b["teacher_ids"] for b in batch], comps, run.pad_id)
     h_s = completion_hidden_states(run.model, [b["student_ids"] for b in batch], comps, run.pad_id)
     return h_s, h_t
@@ -528,6 +577,182 @@ def optimizer_step(run: Run):
     return grad_norm
 
 
+# ALGORITHM (option): the EMA teacher (--teacher ema), a second LoRA adapter of the same network
+def add_ema_teacher(model, lora_config) -> None:
+    """Add the frozen peft adapter ``EMA_ADAPTER`` to ``model`` (a ``PeftModel``), equal to the student's
+    ``default`` adapter.
+
+    At step 0 the EMA teacher therefore is the student, whose LoRA B = 0 makes it the initial policy -- the
+    paper's teacher. Only LoRA tensors are added (r x (d_in + d_out) per adapted layer), never a second copy of
+    the model; the student adapter stays the active, trainable one. Call before the optimizer is built.
+    """
+    import copy
+
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the run's RNG stream as it was
+        model.add_adapter(EMA_ADAPTER, copy.deepcopy(lora_config))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in params.items():
+            if f".{EMA_ADAPTER}." in name:
+                p.requires_grad_(False)
+                p.copy_(params[name.replace(f".{EMA_ADAPTER}.", ".default.")])
+
+
+def ema_state(net) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(name, EMA tensor, student tensor, float32 master)`` for every LoRA tensor of the EMA adapter of the
+    unwrapped ``net`` (after ``accelerator.prepare``, which may cast the module).
+
+    The master is the EMA tensor itself when that is float32, else a float32 copy: with decay 0.999 one step
+    moves the teacher by 0.1 % of its distance to the student, below bfloat16's resolution (~0.4 %), so an EMA
+    kept in bfloat16 would not move at all.
+    """
+    params = dict(net.named_parameters())
+    out = []
+    for name, e in params.items():
+        if f".{EMA_ADAPTER}." in name:
+            s = params[name.replace(f".{EMA_ADAPTER}.", ".default.")]
+            out.append((name, e, s, e if e.dtype == torch.float32 else e.detach().float().clone()))
+    if not out:
+        raise ValueError(f"ema_state: the model has no '{EMA_ADAPTER}' adapter (add_ema_teacher first)")
+    return out
+
+
+@torch.no_grad()
+def update_ema_teacher(ema: list, decay: float):
+    """theta_T <- decay * theta_T + (1 - decay) * theta_S for every LoRA tensor, in float32, after each optimizer
+    step (the mean-teacher update; OPSD's EMA variant). decay 1 keeps the initial policy, 0 is the live student."""
+    for _, e, s, m in ema:
+        m.mul_(decay).add_(s.detach().float(), alpha=1 - decay)
+        if m is not e:
+            e.copy_(m)
+
+
+def save_ema_teacher(ema: list, folder: Path, adapter_config: Path):
+    """The float32 EMA adapter as a peft adapter folder (loadable by peft and evaluate.py; exact on resume)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({n.replace(f".{EMA_ADAPTER}.", "."): m.detach().cpu().contiguous() for n, _, _, m in ema},
+              str(folder / "adapter_model.safetensors"))
+    shutil.copy(adapter_config, folder / "adapter_config.json")
+
+
+@torch.no_grad()
+def load_ema_teacher(ema: list, folder: Path):
+    """Restore what ``save_ema_teacher`` wrote into the masters and the EMA adapter; exits naming a missing tensor."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    for name, e, _, m in ema:
+        key = name.replace(f".{EMA_ADAPTER}.", ".")
+        if key not in saved:
+            fail(PROG, f"{folder}: no tensor {key} (a checkpoint of another LoRA configuration?)")
+        m.copy_(saved[key])
+        if m is not e:
+            e.copy_(m)
+
+
+# ==================================================================================================
+# PLUMBING: evaluation during training (evaluate.py's prompts, seeds, grading and metrics)
+# ==================================================================================================
+def check_eval_benchmarks(names: list[str]):
+    """Exit with one line on an unknown benchmark name or a missing file (before anything is loaded)."""
+    import evaluate as E
+
+    for b in names:
+        if b not in E.BENCHMARKS and Path(b).suffix not in E.LOCAL_SUFFIXES:
+            fail(PROG, f"--eval_benchmarks: unknown benchmark {b!r} (known: {', '.join(E.BENCHMARKS)}, or a "
+                       f"{'/'.join(E.LOCAL_SUFFIXES)} file)")
+        if b not in E.BENCHMARKS and not Path(b).is_file():
+            fail(PROG, f"--eval_benchmarks: no such file {b}")
+    labels = [E.benchmark_label(b) for b in names]
+    if len(set(labels)) != len(labels):
+        fail(PROG, f"--eval_benchmarks: two benchmarks share a name ({labels}); rename a file")
+
+
+def eval_protocol(args: Args, backend: str):
+    """The evaluation settings as an ``evaluate.Args`` (one seed, 0), so evaluate.py's sampling and metric
+    functions run unchanged: step 0 reproduces ``evaluate.py --seeds 0`` on the base model with the same flags."""
+    import evaluate as E
+
+    return E.Args(model=args.model, benchmarks=list(args.eval_benchmarks), limit=args.eval_limit, n=args.eval_n,
+                  seeds=[0], rollout_temperature=args.eval_temperature, top_p=args.eval_top_p, top_k=0,
+                  max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens, student_thinking=args.eval_thinking,
+                  rollout_backend=backend, problems_per_call=max(1, 64 // args.eval_n) if backend == "hf" else 64)
+
+
+def load_eval_benchmarks(args: Args) -> dict[str, list[dict]]:
+    """``{label: problems}`` of ``--eval_benchmarks`` (first ``--eval_limit``), as evaluate.py loads them."""
+    import evaluate as E
+
+    benches = {}
+    for name in args.eval_benchmarks:
+        source, split = E.BENCHMARKS.get(name, (name, "test"))
+        try:
+            benches[E.benchmark_label(name)] = load_problems(source, split, require_solution=False, require_answer=True,
+                                                             limit=args.eval_limit)
+        except (KeyError, ValueError, FileNotFoundError, ConnectionError, OSError) as e:
+            fail(PROG, f"--eval_benchmarks {name}: {str(e.args[0] if e.args else e).splitlines()[0]}")
+    return benches
+
+
+def evaluate_policy(run: Run, step: int) -> dict:
+    """Avg@n / Pass@k / Maj@n of the current policy on the held-out benchmarks, sampled by the training engine.
+
+    The generation calls (evaluate.py's slices and seeds) are shared out over the processes; each samples and
+    grades its calls with evaluate.py's own functions, the main process gathers them, writes
+    ``<output_dir>/eval/step-<step>/samples.jsonl`` + ``summary.json`` (evaluate.py's formats) and returns the
+    metrics row ``{"step", "eval/<benchmark>/<metric>", "eval/mean/<metric>", "eval_s"}`` ({} on other processes).
+    Seed 0 at every step: differences between steps come from the weights, not from the draw.
+    """
+    import evaluate as E
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    acc, t0 = run.accelerator, time.time()
+    a = eval_protocol(run.args, run.engine.backend)
+    done, call = {}, 0  # calls owned by other processes are marked done (None) so generate_missing skips them
+    for label, problems in run.eval_benchmarks.items():
+        for start in range(0, len(problems), a.problems_per_call):
+            if call % acc.num_processes != acc.process_index:
+                for p in problems[start:start + a.problems_per_call]:
+                    done.update({(label, str(p["id"]), 0, j): None for j in range(a.n)})
+            call += 1
+    E.generate_missing(run.engine, run.eval_benchmarks, done, a, Path(os.devnull), tqdm(disable=True))
+    mine = {k: v for k, v in done.items() if v is not None}
+    if acc.num_processes > 1:
+        merged = {}
+        for part in gather_object([mine]):
+            merged.update(part)
+        mine = merged
+    if not acc.is_main_process:
+        return {}
+    summary = E.summarise(run.eval_benchmarks, mine, a)
+    out = Path(run.args.output_dir) / "eval" / f"step-{step}"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "samples.jsonl", "w") as f:  # rewritten whole: a resumed run replaces what it re-evaluates
+        for key in sorted(mine):
+            f.write(json.dumps(mine[key], ensure_ascii=False) + "\n")
+    (out / "summary.json").write_text(json.dumps({**summary, "step": step}, indent=1) + "\n")
+    row = {"step": step}
+    for label, block in list(summary["benchmarks"].items()) + [("mean", summary["mean_over_benchmarks"])]:
+        row.update({f"eval/{label}/{k}": v for k, v in block["mean"].items()})
+    row["eval_s"] = time.time() - t0
+    return row
+
+
+def log_eval(run: Run, row: dict, bar):
+    """Console line and ``metrics.jsonl`` (main process), and the tracker, of an ``evaluate_policy`` row."""
+    if run.accelerator.is_main_process:
+        n = run.args.eval_n
+        parts = [f"{label} avg@{n} {row[f'eval/{label}/avg@{n}']:.3f} pass@{n} {row[f'eval/{label}/pass@{n}']:.3f}"
+                 for label in run.eval_benchmarks]
+        bar.write(f"eval {row['step']:4d} | " + " | ".join(parts) + f" | {row['eval_s']:.1f}s")
+        with open(Path(run.args.output_dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        run.accelerator.log(row, step=row["step"])
+
+
 # ==================================================================================================
 # PLUMBING: metrics, logging, checkpoints
 # ==================================================================================================
@@ -575,7 +800,10 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
-def save_checkpoint(accelerator, model, args: Args, step: int):
+def save_checkpoint(accelerator, model, args: Args, step: int, ema: list | None = None):
+    """``<output_dir>/checkpoint-<step>/``: accelerate's state (trainable weights, optimizer, scheduler, RNG), the
+    student as a peft adapter (``adapter/``) or model, ``trainer_state.json``, and with ``ema`` the EMA teacher
+    (``ema_adapter/``, float32). Written to ``checkpoint-<step>.tmp`` and renamed when complete."""
     final = Path(args.output_dir) / f"checkpoint-{step}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -585,7 +813,11 @@ def save_checkpoint(accelerator, model, args: Args, step: int):
     accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if accelerator.state.deepspeed_plugin else {}))
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards; collective
     if accelerator.is_main_process:  # peft keeps only the adapter's tensors of the state dict
-        accelerator.unwrap_model(model).save_pretrained(tmp / ("adapter" if args.use_lora else "model"), state_dict=state_dict)
+        # Only the student adapter: the EMA teacher is saved from its float32 masters below.
+        accelerator.unwrap_model(model).save_pretrained(tmp / ("adapter" if args.use_lora else "model"), state_dict=state_dict,
+                                                        **({"selected_adapters": ["default"]} if args.use_lora else {}))
+        if ema is not None:
+            save_ema_teacher(ema, tmp / "ema_adapter", tmp / "adapter" / "adapter_config.json")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "args": dataclasses.asdict(args)}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -602,6 +834,8 @@ def main(argv=None):
     run = setup(args)
     bar = tqdm(range(run.start_step, args.max_steps), initial=run.start_step, total=args.max_steps,
                disable=not run.accelerator.is_main_process, desc="train")
+    if args.eval_steps and run.start_step == 0:  # the step-0 value: the initial policy
+        log_eval(run, evaluate_policy(run, 0), bar)
     for step in bar:
         times = {"start": time.time()}
         # 1. This process's prompts (disjoint across processes; a function of (seed, step) only).
@@ -613,12 +847,18 @@ def main(argv=None):
         out = accumulate_gradients(run, batch, rollouts, step)
         # 4. Clip, optimizer step, schedule.
         grad_norm = optimizer_step(run)
+        if run.ema is not None:  # --teacher ema: the teacher follows the student
+            update_ema_teacher(run.ema, args.teacher_ema_decay)
         # 5. New weights into the rollout engine (vLLM; the HF engine samples the live policy).
         times["sync"] = R.sync_weights(run.engine, run.model, run.accelerator) if (step + 1) % args.vllm_sync_every == 0 else 0.0
         # 6. Metrics (reduced over processes), log, checkpoint.
         log_step(run, step_metrics(run, batch, rollouts, out, grad_norm, times, step), bar)
+        if args.eval_steps and (step + 1) % args.eval_steps == 0:  # 7. evaluation of the policy after this step
+            if (step + 1) % args.vllm_sync_every:  # the engine must sample the current weights
+                R.sync_weights(run.engine, run.model, run.accelerator)
+            log_eval(run, evaluate_policy(run, step + 1), bar)
         if (step + 1) % args.save_steps == 0 or step + 1 == args.max_steps:
-            save_checkpoint(run.accelerator, run.model, args, step + 1)
+            save_checkpoint(run.accelerator, run.model, args, step + 1, run.ema)
     R.close(run.engine)  # before end_training() destroys the process group vLLM also uses
     run.accelerator.end_training()
     return args.output_dir
