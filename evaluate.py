@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import rollout as R
-from data import (DTYPES, arg, check_output_dir, check_same_settings, clear_output_dir, fail as _fail, load_problems,
+from data import (DEMO_SOURCES, DTYPES, arg, check_output_dir, check_same_settings, clear_output_dir, fail as _fail, load_problems,
                   load_tokenizer, parse_config, read_jsonl, resolve_dtype, resolve_model)
 from grading import grade, majority_correct, stable_seed
 from rollout import INSTRUCTION, encode
@@ -71,8 +71,8 @@ class Args:
     model: str | None = arg(None, "HF id, local folder, smollm2-135m, or a training checkpoint (LoRA adapter, "
                                   "merged on load)", required=True)
     tokenizer: str | None = arg(None, "default: the model's own, or the adapter's base model's")
-    benchmarks: list[str] = arg(list(BENCHMARKS), f"names ({', '.join(BENCHMARKS)}) and/or local "
-                                                  f"{'/'.join(LOCAL_SUFFIXES)} files")
+    benchmarks: list[str] = arg(list(BENCHMARKS), f"names ({', '.join(BENCHMARKS)}; offline: demo-arithmetic-test, the "
+                                                  f"demo's held-out split) and/or local {'/'.join(LOCAL_SUFFIXES)} files")
     problem_field: str | None = arg(None, "force the problem column of local files")
     answer_field: str | None = arg(None, "force the answer column of local files")
     limit: int | None = arg(None, "first N problems of each benchmark", check=">= 1")
@@ -176,7 +176,7 @@ def eval_prompt(tokenizer, problem: str, enable_thinking: bool = True) -> str:
 
 def benchmark_label(name: str) -> str:
     """Short, stable name of a benchmark: the name itself, or ``<folder>/<file>`` for a local file."""
-    if name in BENCHMARKS:
+    if name in BENCHMARKS or name in DEMO_SOURCES:
         return name
     path = Path(name)
     return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
@@ -187,7 +187,7 @@ def check_args(a: Args):
     if len(set(a.seeds)) != len(a.seeds):
         fail(f"--seeds has duplicates: {a.seeds}")
     for b in a.benchmarks:
-        if b in BENCHMARKS:
+        if b in BENCHMARKS or b in DEMO_SOURCES:  # demo-arithmetic-test: the offline held-out split
             continue
         if Path(b).suffix not in LOCAL_SUFFIXES:
             fail(f"--benchmarks: unknown benchmark {b!r} (known: {', '.join(BENCHMARKS)}, "
@@ -220,6 +220,32 @@ def load_benchmark(name: str, a: Args) -> list[dict]:
                              require_solution=False, require_answer=True, limit=a.limit)
     except (KeyError, ValueError, FileNotFoundError) as e:
         fail(f"--benchmarks {name}: {e.args[0] if e.args else e}")
+
+
+def greedy_correct(engine: R.Engine, problems: list[dict], *, max_new_tokens: int = 128, enable_thinking: bool = False,
+                   prompt: str = "student") -> list[bool]:
+    """Held-out greedy accuracy, per problem: temperature 0, ``max_new_tokens`` new tokens, one sample each.
+
+    Args:
+        engine: a ``rollout.make_engine`` sampler -- e.g. a training run's own (``train.Run.engine``), which
+            holds the current policy.
+        problems: records with ``problem`` and ``answer`` (``solution`` too for ``prompt="teacher"``).
+        prompt: ``student`` -- the training student prompt (``rollout.student_prompt``, = ``eval_prompt``);
+            ``teacher`` -- the privileged teacher prompt with the reference solution (``teacher.teacher_prompt``).
+    Returns:
+        ``[len(problems)]`` bools, graded with ``grading.grade``; their mean is the greedy accuracy.
+    Raises ValueError on an unknown ``prompt``.
+    """
+    from teacher import teacher_prompt
+
+    tok = engine.tokenizer
+    render = {"student": lambda p: R.student_prompt(tok, p["problem"], enable_thinking),
+              "teacher": lambda p: teacher_prompt(tok, p["problem"], p["solution"], enable_thinking)}.get(prompt)
+    if render is None:
+        raise ValueError(f"greedy_correct: unknown prompt {prompt!r} (student|teacher)")
+    groups = R.generate(engine, [encode(tok, render(p)) for p in problems], max_new_tokens=max_new_tokens, temperature=0.0)
+    texts = tok.batch_decode([g[0].completion_ids for g in groups], skip_special_tokens=True)
+    return [grade(t, p["answer"])[1] for t, p in zip(texts, problems)]
 
 
 def resolve_checkpoint(model: str) -> tuple[str, str | None]:

@@ -52,6 +52,7 @@ METHODS = {
     "reopold": Method("reopold", "uniform", "token"),              # REOPOLD baseline (arXiv:2603.11137); own sum(M) normaliser
     "sampled_rkl": Method("sampled_rkl", "uniform", "token"),      # sampled-token reverse KL (policy gradient)
     "iwopd": Method("iwopd", "uniform", "token"),                  # IW-OPD baseline (arXiv:2606.22600); weights inside the loss
+    "sft": Method("sft", "uniform", "token"),                      # SFT on the reference solutions (OPSD's baseline; warm start)
 }
 REDUCTIONS = ("token", "sequence")
 
@@ -73,8 +74,8 @@ class LossContext:
 # ALGORITHM: the clipped forward KL on full logits (the reference)
 # ==================================================================================================
 def clipped_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.1,
-                       clip: float = 0.05) -> torch.Tensor:
-    """Point-wise clipped forward KL per token (OPSD Eq. 4).
+                       clip: float = 0.05, clip_mode: str = "pointwise") -> torch.Tensor:
+    """Point-wise clipped forward KL per token (OPSD Eq. 4), or a non-inverting variant (``clip_kl_terms``).
 
     Args:
         student_logits: ``[N, V]``, any float dtype (computed in float32); carries the gradient.
@@ -82,15 +83,49 @@ def clipped_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tenso
         temperature: both logits are divided by it (paper: 1.1).
         clip: c; each vocabulary entry ``p_T (log p_T - log p_S)`` is capped at c before the sum.
             ``clip <= 0`` disables clipping (plain forward KL).
+        clip_mode: ``pointwise`` (the paper), ``total`` or ``scaled``; see ``clip_kl_terms``.
     Returns:
         ``[N]`` float32, nats.
+    Raises:
+        ValueError: unknown ``clip_mode``.
     """
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    pointwise = log_p_t.exp() * (log_p_t - log_p_s)
-    if clip > 0:
-        pointwise = pointwise.clamp(max=clip)  # clamp's gradient is 0 where the entry is clipped
-    return pointwise.sum(-1)
+    return clip_kl_terms(log_p_t.exp() * (log_p_t - log_p_s), clip, clip_mode)
+
+
+CLIP_MODES = ("pointwise", "total", "scaled")
+
+
+def clip_kl_terms(pointwise: torch.Tensor, clip: float, mode: str = "pointwise") -> torch.Tensor:
+    """Per-token loss ``[N]`` from the forward-KL entries ``x_v = p_T(v) (log p_T(v) - log p_S(v))`` ``[N, V]``.
+
+    ``pointwise`` (OPSD Eq. 4, the default): ``sum_v min(x_v, c)``; a clipped entry is constant, so its
+    gradient is 0. The gradient w.r.t. the student logit z_u is then ``(p_S(u) M - m_u p_T(u)) / T`` with
+    ``M = sum of p_T over unclipped entries``: for a clipped teacher top-1 token (m_u = 0) it is
+    ``p_S(u) M / T > 0``, so a descent step *lowers* the student's probability of the token the teacher
+    prefers most. Two variants that keep the same loss scale but never push that way:
+      * ``total``: value ``min(KL_t, c)`` with ``KL_t = sum_v x_v``, gradient ``min(1, c / KL_t)`` times the
+        full forward KL's -- the gradient of a token whose KL exceeds c is scaled down, not redirected, so
+        it always points from p_S towards p_T;
+      * ``scaled``: value ``sum_v min(x_v, c)`` as ``pointwise``, but a clipped entry keeps its gradient
+        times ``c / x_v`` instead of 0 (the student is pulled towards the reweighted target
+        ``q ∝ s_v p_T(v)``, ``s_v = min(1, c / x_v)``; a clipped top-1 is still pulled up unless
+        ``q(top-1) < p_S(top-1)``, which can happen when the rest of the teacher's mass is unclipped).
+    ``clip <= 0`` -> plain forward KL in every mode. Float32 in, float32 out (nats).
+    Raises ValueError on an unknown mode.
+    """
+    if mode not in CLIP_MODES:
+        raise ValueError(f"--clip_mode: unknown {mode!r} ({'|'.join(CLIP_MODES)})")
+    if clip <= 0:
+        return pointwise.sum(-1)
+    if mode == "pointwise":
+        return pointwise.clamp(max=clip).sum(-1)  # clamp's gradient is 0 where the entry is clipped
+    if mode == "scaled":
+        scale = torch.where(pointwise > clip, clip / pointwise.detach().clamp(min=clip), torch.ones_like(pointwise))
+        return (pointwise * scale.detach()).sum(-1)  # = min(x_v, c) in value
+    total = pointwise.sum(-1)
+    return total * (clip / total.detach().clamp(min=clip))  # = min(KL_t, c) in value
 
 
 def clipped_generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.1,
@@ -381,8 +416,24 @@ def clipped_fkl_loss(student_logits, teacher_logits, ctx, hp):
     elif beta > 0:
         per_token = clipped_generalized_jsd(student_logits, teacher_logits, hp.temperature, hp.clip, beta)
     else:
-        per_token = clipped_forward_kl(student_logits, teacher_logits, hp.temperature, hp.clip)
+        per_token = clipped_forward_kl(student_logits, teacher_logits, hp.temperature, hp.clip,
+                                       getattr(hp, "clip_mode", "pointwise"))
     return (ctx.coef * per_token).sum(), {}
+
+
+def sft_loss(student_logits, teacher_logits, ctx, hp):
+    """SFT baseline (OPSD paper, arXiv:2601.18734, Sec. 5 baselines): cross-entropy of the reference solution.
+
+    Here ``ctx.tokens`` ``[N]`` are the reference solution's tokens plus EOS (train.py feeds them as the
+    step's completions instead of rollouts; no teacher pass, ``teacher_logits`` is ``None``), read under
+    the student prompt. ``l_t = -log softmax(student_logits)[y_t]`` at temperature 1 (plain likelihood, not
+    ``hp.temperature``); ``loss = sum_t coef_t l_t`` -- with the row's uniform / token defaults, the mean
+    over the step's solution tokens. Diagnostic ``token_accuracy``: fraction of tokens that are the argmax.
+    """
+    log_p = F.log_softmax(student_logits.float(), dim=-1)
+    nll = -log_p.gather(1, ctx.tokens[:, None])[:, 0]
+    acc = (student_logits.detach().argmax(-1) == ctx.tokens).float().mean().item()
+    return (ctx.coef * nll).sum(), {"token_accuracy": acc}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -507,7 +558,9 @@ def reopold_loss(student_logits, teacher_logits, ctx, hp):
 
 
 LOSSES = {"clipped_fkl": clipped_fkl_loss, "sampled_rkl": sampled_rkl_loss, "eopd": eopd_loss, "reopold": reopold_loss,
-          "iwopd": iwopd_loss}
+          "iwopd": iwopd_loss, "sft": sft_loss}
+# Losses trained on the reference solution instead of rollouts: train.py samples nothing and runs no teacher.
+REFERENCE_TARGETS = {"sft"}
 # Losses whose token selection needs statistics of the whole step: train.py computes these per-token
 # statistics in a no-grad pass over all micro-batches before the first backward (ctx.token_stats).
 TOKEN_STATS = {"reopold": reopold_token_stats}
@@ -519,9 +572,11 @@ TOKEN_STATS = {"reopold": reopold_token_stats}
 # ctx, hp) -> (loss, {diagnostic: float}). A (loss, impl) pair not listed here runs LOSSES on full logits.
 # --------------------------------------------------------------------------------------------------
 def chunked_clipped_fkl_loss(student_hidden, teacher_hidden, student_head, teacher_head, ctx, hp):
-    """``clipped_fkl_loss`` via ``chunked_clipped_fkl``: O(``hp.loss_chunk_size`` x V) memory. With ``hp.beta`` > 0
-    or ``hp.teacher_top_k`` > 0, via ``checkpointed_chunks`` of the same reference functions instead."""
-    if getattr(hp, "beta", 0.0) > 0 or getattr(hp, "teacher_top_k", 0) > 0:
+    """``clipped_fkl_loss`` via ``chunked_clipped_fkl``: O(``hp.loss_chunk_size`` x V) memory. With ``hp.beta`` > 0,
+    ``hp.teacher_top_k`` > 0 or a ``hp.clip_mode`` other than ``pointwise`` (the hand-written gradient is the
+    point-wise clip's), via ``checkpointed_chunks`` of the same reference functions instead."""
+    if getattr(hp, "beta", 0.0) > 0 or getattr(hp, "teacher_top_k", 0) > 0 or \
+            getattr(hp, "clip_mode", "pointwise") != "pointwise":
         return checkpointed_chunks(clipped_fkl_loss, student_hidden, teacher_hidden, student_head, teacher_head, ctx,
                                    hp), {}
     loss, _ = chunked_clipped_fkl(student_hidden, teacher_hidden, student_head, teacher_head, ctx.coef,
@@ -534,7 +589,8 @@ def checkpointed_chunks(loss_fn, student_hidden, teacher_hidden, student_head, t
     over chunks of ``hp.loss_chunk_size`` tokens, each under activation checkpointing: its ``[chunk, V]``
     intermediates are freed after the forward and recomputed in the backward, so memory is one chunk's, not N's.
     Same value and gradient as ``loss_fn`` on the full logits (autograd of the same code); costs one extra forward
-    of the loss. Used for the generalized JSD and the top-k loss, which have no hand-written gradient."""
+    of the loss. Used for the generalized JSD, the top-k loss and the non-point-wise clip modes, which have no
+    hand-written gradient."""
     import copy
 
     from torch.utils.checkpoint import checkpoint
@@ -559,8 +615,10 @@ LOSS_IMPLS = ("chunked", "reference")
 def step_loss(loss: str, impl: str, student_hidden, teacher_hidden, student_head, teacher_head, ctx, hp):
     """This micro-batch's share of the step loss and its diagnostics, from final hidden states ``[N, H]``
     and lm_head weights ``[V, H]``: the registered fast path for ``(loss, impl)`` if there is one, else
-    ``LOSSES[loss]`` on the full ``[N, V]`` logits (the readable reference, and every other method)."""
+    ``LOSSES[loss]`` on the full ``[N, V]`` logits (the readable reference, and every other method).
+    ``teacher_hidden`` is ``None`` for the losses in ``REFERENCE_TARGETS`` (no teacher pass)."""
     fast = FAST_PATHS.get((loss, impl))
     if fast is not None:
         return fast(student_hidden, teacher_hidden, student_head, teacher_head, ctx, hp)
-    return LOSSES[loss](student_hidden @ student_head.T, teacher_hidden @ teacher_head.T, ctx, hp)
+    teacher_logits = None if teacher_hidden is None else teacher_hidden @ teacher_head.T
+    return LOSSES[loss](student_hidden @ student_head.T, teacher_logits, ctx, hp)

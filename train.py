@@ -67,7 +67,7 @@ class Args:
     dtype: str = arg("auto", "weights (+ autocast on GPU); auto = bfloat16 on GPU, float32 on CPU",
                      choices=("auto", "float32", "bfloat16"))
     # --- data ---------------------------------------------------------------------------------------
-    dataset: str = arg(DEFAULT_DATASET, "Hub id, .jsonl/.json/.parquet, or demo-arithmetic")
+    dataset: str = arg(DEFAULT_DATASET, "Hub id, .jsonl/.json/.parquet, or demo-arithmetic[-flat][-test]")
     dataset_split: str = arg("train", "Hub split (ignored for local files)")
     problem_field: str | None = arg(None, "force the problem column")
     solution_field: str | None = arg(None, "force the reference-solution column")
@@ -82,6 +82,10 @@ class Args:
     w_s: float = arg(0.10, "position weight slope s")
     temperature: float = arg(1.1, "loss temperature: divides student and teacher logits in the loss", check="> 0")
     clip: float = arg(0.05, "point-wise clip c of the forward KL; <= 0 disables")
+    clip_mode: str = arg("pointwise", "pointwise (the paper) | total | scaled: non-inverting variants of the clip "
+                                      "(loss.clip_kl_terms)", choices=L.CLIP_MODES)
+    sft_prompts: str = arg("student", "sft: train on the reference solution under the student prompt, or under both "
+                                      "the student and the teacher prompt", choices=("student", "both"))
     loss_impl: str = arg("chunked", "chunked (hidden states, O(chunk x V)) | reference", choices=L.LOSS_IMPLS)
     loss_chunk_size: int = arg(512, "tokens per chunk of the chunked loss (~4 x this x V floats)", check="> 0")
     beta: float = arg(0.0, "generalized JSD of the clipped loss: 0 = forward KL (the paper), 1 = reverse KL, between = "
@@ -169,6 +173,11 @@ def parse_args(argv=None) -> Args:
         (args.beta == 0 or args.teacher_top_k == 0, "--teacher_top_k is a forward KL: use it with --beta 0"),
         (args.teacher == "base" or args.use_lora, "--teacher ema keeps the EMA as a second LoRA adapter: it needs "
                                                   "--use_lora true (full fine-tuning has no EMA teacher)"),
+        (args.clip_mode == "pointwise" or (L.METHODS[args.method].loss == "clipped_fkl" and (args.beta, args.teacher_top_k) == (0, 0)),
+         f"--clip_mode {args.clip_mode} is a variant of the forward KL's clip: use it with an OPSD / PW-OPSD method, "
+         f"--beta 0 and --teacher_top_k 0"),
+        (L.METHODS[args.method].loss not in L.REFERENCE_TARGETS or args.num_generations == 1,
+         f"--method {args.method} trains on the reference solution, not on rollouts: --num_generations must be 1"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -363,6 +372,10 @@ def build_prompts(args: Args, accelerator):
                                      trust_remote_code=args.trust_remote_code)
     data, skipped = render_problems(tok, problems, args.max_prompt_length, student_thinking=args.student_thinking,
                                     teacher_thinking=args.teacher_thinking)
+    if L.METHODS[args.method].loss in L.REFERENCE_TARGETS:  # sft trains on the reference solution + EOS as its "rollout"
+        data = [{**d, "reference_ids": R.encode(tok, d["solution"]) + [tok.eos_token_id]} for d in data]
+        if args.sft_prompts == "both":  # each solution also under the teacher prompt (a batch mixes the two)
+            data += [{**d, "student_ids": d["teacher_ids"]} for d in data]
     if skipped:
         accelerator.print(f"[train] skipped {skipped} of {len(problems)} problems whose prompt "
                           f"exceeds --max_prompt_length {args.max_prompt_length}")
@@ -481,8 +494,11 @@ def step_batch(run, step: int) -> tuple[list[dict], int]:
 
 def sample_rollouts(run: Run, batch: list[dict], step: int) -> list[R.Rollout]:
     """``--num_generations`` G on-policy rollouts per prompt with the current weights, seeded by (seed, step,
-    process) only: ``[len(batch) * G]``, prompt-major (prompt 0's G samples, then prompt 1's, ...)."""
+    process) only: ``[len(batch) * G]``, prompt-major (prompt 0's G samples, then prompt 1's, ...). For the losses
+    in ``loss.REFERENCE_TARGETS`` (sft): each problem's reference solution + EOS instead, ``[len(batch)]``."""
     args = run.args
+    if run.loss_name in L.REFERENCE_TARGETS:  # sft: the reference solutions are the completions; nothing is sampled
+        return [R.Rollout(b["student_ids"], b["reference_ids"], truncated=False) for b in batch]
     seed = args.seed * 1_000_003 + step * 1009 + run.accelerator.process_index
     groups = R.generate(run.engine, [b["student_ids"] for b in batch], n=args.num_generations, seeds=seed,
                         max_new_tokens=args.max_new_tokens, temperature=args.rollout_temperature, top_p=args.top_p,
@@ -501,9 +517,12 @@ def per_rollout(batch: list[dict], rollouts: list) -> list[dict]:
 
 
 def hidden_states(run, batch, comps):
-    """Teacher (no grad; adapter off, or the EMA adapter) and student final hidden states at the completion positions, [N, H] each."""
-    with teacher_mode(run.model, run.frozen_teacher, run.teacher_adapter) as teacher:
-        h_t = completion_hidden_states(teacher, [b["teacher_ids"] for b in batch], comps, run.pad_id)
+    """Teacher (no grad; adapter off, or the EMA adapter) and student final hidden states at the completion
+    positions, [N, H] each (teacher ``None`` for the losses in ``loss.REFERENCE_TARGETS``, which need none)."""
+    h_t = None
+    if run.loss_name not in L.REFERENCE_TARGETS:
+        with teacher_mode(run.model, run.frozen_teacher, run.teacher_adapter) as teacher:
+            h_t = completion_hidden_states(teacher, [b["teacher_ids"] for b in batch], comps, run.pad_id)
     h_s = completion_hidden_states(run.model, [b["student_ids"] for b in batch], comps, run.pad_id)
     return h_s, h_t
 
@@ -827,7 +846,10 @@ def save_checkpoint(accelerator, model, args: Args, step: int, ema: list | None 
 # ==================================================================================================
 # The loop
 # ==================================================================================================
-def main(argv=None):
+def main(argv=None, on_step=None):
+    """Train; returns the output folder. ``on_step(run, step)``, if given, is called before the first step
+    and after every optimizer step (step = optimizer steps done, after the engine sync and the checkpoint),
+    e.g. to evaluate the current policy through ``run.engine``."""
     from tqdm.auto import tqdm
 
     args = parse_args(argv)
@@ -836,6 +858,8 @@ def main(argv=None):
                disable=not run.accelerator.is_main_process, desc="train")
     if args.eval_steps and run.start_step == 0:  # the step-0 value: the initial policy
         log_eval(run, evaluate_policy(run, 0), bar)
+    if on_step is not None:
+        on_step(run, run.start_step)
     for step in bar:
         times = {"start": time.time()}
         # 1. This process's prompts (disjoint across processes; a function of (seed, step) only).
@@ -859,6 +883,8 @@ def main(argv=None):
             log_eval(run, evaluate_policy(run, step + 1), bar)
         if (step + 1) % args.save_steps == 0 or step + 1 == args.max_steps:
             save_checkpoint(run.accelerator, run.model, args, step + 1, run.ema)
+        if on_step is not None:
+            on_step(run, step + 1)
     R.close(run.engine)  # before end_training() destroys the process group vLLM also uses
     run.accelerator.end_training()
     return args.output_dir

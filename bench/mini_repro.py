@@ -1,0 +1,418 @@
+"""CPU mini-reproduction: does on-policy self-distillation improve a small model on held-out problems?
+
+    python bench/mini_repro.py                 # the default comparison (see --help for its size)
+    python bench/mini_repro.py --quick         # smoke test: 2 steps, 16 held-out problems, one seed
+    python bench/mini_repro.py --run NAME --seed 0 -- --method opsd --clip 0   # one study run (any train.py flags)
+    (flags after ``--`` go to train.py: with --run for that run, otherwise appended to every row's)
+
+Rows (every training run is train.py itself, in a subprocess, with an ``on_step`` hook that measures the
+current policy's held-out greedy accuracy through the run's own rollout engine):
+  * ``base``   -- SmolLM2-135M-Instruct (``--base``) as it is: step 0 of the sft runs;
+  * ``sft``    -- the warm-start recipe (configs/warmstart-demo.yaml: LoRA SFT on the reference solutions,
+                  train.py's ``sft`` row) from the base model, one run per seed;
+  * ``opsd`` / ``pwopsd`` / ``pwopsd-total`` -- from the cached warm start (``--model``, seed 0 of that
+                  recipe; the teacher is that warm start), the paper's clip and the non-inverting
+                  ``--clip_mode total`` variant, settings from configs/mini-repro.yaml.
+Held-out accuracy = fraction of ``--heldout`` problems of ``demo-arithmetic-test`` answered correctly at
+temperature 0 with the student prompt, ``--max_new_tokens`` new tokens (evaluate.greedy_correct). Reported:
+mean +- std over seeds of the final accuracy, a 95 % bootstrap CI over problems (resampling problems, each
+resample averaged over the seeds), the same for the first ``--gsm8k_limit`` GSM8K test problems (out of
+distribution; skipped with a note when the file is absent), a markdown table (``table.md``) and one PNG of
+held-out accuracy vs step, a line per method (``accuracy_vs_step.png``).
+
+Every finished run is one JSON file in ``<output_dir>/runs/`` and one line appended to ``--log`` (command, seed,
+before, after); a rerun skips runs whose file exists, so an interrupted comparison resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+# row -> (config, extra train.py flags); "@base" / "@warm" are replaced by --base / --model.
+ROWS = {
+    "sft": ("configs/warmstart-demo.yaml", ["--model", "@base", "--rollout_backend", "auto"]),
+    "opsd": ("configs/mini-repro.yaml", ["--model", "@warm", "--method", "opsd"]),
+    "pwopsd": ("configs/mini-repro.yaml", ["--model", "@warm", "--method", "pwopsd"]),
+    "pwopsd-total": ("configs/mini-repro.yaml", ["--model", "@warm", "--method", "pwopsd", "--clip_mode", "total"]),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 16 held-out problems, seed 0, no GSM8K")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), help=f"training rows ({', '.join(ROWS)}); base comes with sft")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--model", default="smollm2-135m-warm", help="warm start of the distillation rows")
+    p.add_argument("--base", default="smollm2-135m", help="base model of the sft row")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps of the distillation rows (default: config's)")
+    p.add_argument("--sft_steps", type=int, default=None, help="optimizer steps of the sft row (default: its recipe's)")
+    p.add_argument("--eval_every", type=int, default=None, help="held-out evaluation every N steps (default: steps / 2)")
+    p.add_argument("--heldout", type=int, default=200, help="held-out demo-arithmetic-test problems")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="of the held-out / GSM8K greedy answers")
+    p.add_argument("--gsm8k", default=str(GSM8K), help="GSM8K test.jsonl (skipped with a note when absent)")
+    p.add_argument("--gsm8k_limit", type=int, default=200)
+    p.add_argument("--gsm8k_seeds", type=int, nargs="*", default=None, help="seeds whose final model is also run on "
+                   "GSM8K (default: all)")
+    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--output_dir", default="outputs/mini_repro")
+    p.add_argument("--log", default="docs/study_runs.jsonl", help="one line per finished run is appended here")
+    p.add_argument("--run", default=None, help="run ONE setting named NAME (train.py flags after --) and log it")
+    p.add_argument("--seed", type=int, default=0, help="with --run")
+    p.add_argument("--config", default="configs/mini-repro.yaml", help="with --run: the base config")
+    p.add_argument("--eval_only", nargs="+", default=None, metavar="MODEL",
+                   help="only measure these models' held-out greedy accuracy, with the student and the teacher prompt")
+    p.add_argument("--rollout_backend", default=None, choices=("auto", "vllm", "hf"),
+                   help="override every run's train.py --rollout_backend (hf: no vLLM)")
+    p.add_argument("--rollout_temperature", type=float, default=None,
+                   help="override every run's train.py --rollout_temperature (the sft row samples nothing)")
+    p.add_argument("--report_only", action="store_true", help="train nothing: table and plot from the runs already in "
+                   "--output_dir (missing ones listed); base / sft fall back to the --eval_only results of --base / --model")
+    p.add_argument("--study_table", action="store_true", help="print --log as a markdown table (every run, by setting)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one training run, JSON spec
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    a = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    a.train_flags = extra + (["--rollout_backend", a.rollout_backend] if a.rollout_backend else []) + \
+        (["--rollout_temperature", str(a.rollout_temperature)] if a.rollout_temperature is not None else [])
+    unknown = [r for r in a.rows if r not in ROWS]
+    if unknown:
+        p.error(f"--rows: unknown {unknown} ({', '.join(ROWS)})")
+    if a.quick:
+        a.seeds, a.steps, a.sft_steps, a.eval_every, a.heldout, a.gsm8k_limit = a.seeds[:1], 2, 2, 1, 16, 0
+    return a
+
+
+# --------------------------------------------------------------------------------------------------
+# One training run (subprocess): train.main with an on_step hook that evaluates held-out accuracy
+# --------------------------------------------------------------------------------------------------
+def worker(spec: dict):
+    """Run train.py with ``spec["argv"]``; evaluate at ``spec["eval_steps"]``; write ``spec["result"]`` (JSON)."""
+    os.chdir(ROOT)
+    import torch  # noqa: F401  (before vLLM, as train.py does)
+
+    import evaluate
+    import train
+    from data import load_problems
+
+    heldout = load_problems(spec["heldout_source"], limit=spec["heldout"])
+    gsm8k = load_problems(spec["gsm8k"], require_solution=False, require_answer=True, limit=spec["gsm8k_limit"],
+                          verbose=False) if spec.get("gsm8k") else None
+    res = {"curve": {}, "final_correct": None, "gsm8k_correct": None, "eval_s": 0.0}
+
+    # The policy at step 0 is the start model whatever the run: its greedy accuracy is measured once and reused.
+    cache = Path(spec["before_cache"])
+    cached = json.loads(cache.read_text()) if cache.is_file() else None
+
+    def on_step(run, step):
+        if step not in spec["eval_steps"]:
+            return
+        if step == 0 and cached is not None:
+            res["curve"]["0"], res["before_correct"] = sum(cached) / len(cached), cached
+            return
+        t0 = time.time()
+        kw = dict(max_new_tokens=spec["max_new_tokens"])  # the run's own engine holds the current policy
+        correct = evaluate.greedy_correct(run.engine, heldout, **kw)
+        res["curve"][str(step)] = sum(correct) / len(correct)
+        if step == 0:
+            res["before_correct"] = correct
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(correct))
+        if step == run.args.max_steps:
+            res["final_correct"] = correct
+            if gsm8k:
+                res["gsm8k_correct"] = evaluate.greedy_correct(run.engine, gsm8k, **kw)
+        res["eval_s"] += time.time() - t0
+        print(f"[mini_repro] {spec['name']} step {step}: held-out {res['curve'][str(step)]:.3f} "
+              f"({len(correct)} problems, {time.time() - t0:.0f} s)", flush=True)
+
+    t0 = time.time()
+    out_dir = train.main(spec["argv"], on_step=on_step)
+    res["wall_s"] = time.time() - t0
+    metrics = [json.loads(l) for l in open(Path(out_dir) / "metrics.jsonl")]
+    res["train"] = [{k: m.get(k) for k in ("step", "loss", "correct", "boxed", "response_length", "step_s")} for m in metrics]
+    Path(spec["result"]).write_text(json.dumps(res))
+
+
+def run_one(name: str, seed: int, config: str, flags: list[str], a, eval_steps: list[int], gsm8k: bool) -> dict:
+    """Run (or reuse) one training run in a subprocess; returns its result dict (and logs it once)."""
+    out = Path(a.output_dir)
+    result = out / "runs" / f"{name}-s{seed}.json"
+    if result.is_file():
+        return json.loads(result.read_text())
+    result.parent.mkdir(parents=True, exist_ok=True)
+    # No result file yet: whatever an interrupted attempt left in the run's folder is incomplete; start it over.
+    argv = ["--config", config, *flags, "--seed", str(seed), "--output_dir", str(out / "train" / f"{name}-s{seed}"),
+            "--save_steps", "100000", "--overwrite_output_dir", "true"]
+    steps = int(next((argv[i + 1] for i in range(len(argv) - 1, -1, -1) if argv[i] == "--max_steps"), 0) or
+                __import__("yaml").safe_load(open(ROOT / config))["max_steps"])
+    start = next(argv[i + 1] for i in range(len(argv) - 1, -1, -1) if argv[i] == "--model") if "--model" in argv else \
+        __import__("yaml").safe_load(open(ROOT / config))["model"]
+    spec = {"name": name, "argv": argv, "before_cache": str(before_cache(a, start, heldout_source(argv, config))), "eval_steps": sorted({0, steps, *eval_steps}), "heldout": a.heldout,
+            "heldout_source": heldout_source(argv, config), "max_new_tokens": a.max_new_tokens, "result": str(result),
+            "gsm8k": a.gsm8k if gsm8k else None, "gsm8k_limit": a.gsm8k_limit}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    print(f"[mini_repro] {name} seed {seed}: python train.py {' '.join(argv)}", flush=True)
+    t0 = time.time()
+    log_path = out / "train" / f"{name}-s{seed}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        p = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if p.returncode != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-20:])
+        raise SystemExit(f"[mini_repro] {name} seed {seed} failed (log {log_path}):\n{tail}")
+    res = json.loads(result.read_text())
+    curve = res["curve"]
+    line = {"date": time.strftime("%Y-%m-%d %H:%M"), "name": name, "seed": seed,
+            "command": "python train.py " + " ".join(argv), "heldout": a.heldout, "max_new_tokens": a.max_new_tokens,
+            "before": curve.get("0"), "after": curve.get(str(steps)), "curve": curve,
+            "train_correct": [m["correct"] for m in res["train"]], "loss": [m["loss"] for m in res["train"]],
+            "gsm8k": None if not res.get("gsm8k_correct") else sum(res["gsm8k_correct"]) / len(res["gsm8k_correct"]),
+            "wall_s": round(time.time() - t0), "load_avg": os.getloadavg()[0]}
+    if a.log:
+        Path(a.log).parent.mkdir(parents=True, exist_ok=True)
+        with open(a.log, "a") as f:
+            f.write(json.dumps(line) + "\n")
+    print(f"[mini_repro] {name} seed {seed}: held-out {line['before']} -> {line['after']} ({line['wall_s']} s)", flush=True)
+    return res
+
+
+def before_cache(a, model: str, source: str) -> Path:
+    """Where the start model's per-problem greedy correctness is kept (it does not depend on the run)."""
+    import hashlib
+
+    key = f"{model}|{source}|{a.heldout}|{a.max_new_tokens}"
+    return Path(a.output_dir) / "before" / (hashlib.sha256(key.encode()).hexdigest()[:12] + ".json")
+
+
+def heldout_source(argv: list[str], config: str) -> str:
+    """The held-out split that matches the run's training set (demo-arithmetic[-flat] -> ...-test)."""
+    import yaml
+
+    ds = next((argv[i + 1] for i in range(len(argv) - 1, -1, -1) if argv[i] == "--dataset"), None) or \
+        yaml.safe_load(open(ROOT / config)).get("dataset", "demo-arithmetic")
+    return ds + "-test" if ds.startswith("demo-arithmetic") and not ds.endswith("-test") else "demo-arithmetic-test"
+
+
+def eval_only(a):
+    """Held-out greedy accuracy of each model with the student prompt and with the privileged teacher prompt
+    (problem + reference solution): how well the model solves, and how well it reads a reference."""
+    import evaluate
+    import rollout as R
+    from data import load_problems, resolve_model
+
+    out = {}
+    for name in a.eval_only:
+        source = "demo-arithmetic-flat-test" if name.endswith("-flat") else "demo-arithmetic-test"
+        problems = load_problems(source, limit=a.heldout)
+        path = resolve_model(name)
+        t0 = time.time()
+        engine = R.make_engine(a.rollout_backend or "auto", path, max_model_len=512 + a.max_new_tokens, seed=0,
+                               gpu_memory_utilization=0.3)
+        res = {p: evaluate.greedy_correct(engine, problems, max_new_tokens=a.max_new_tokens, prompt=p)
+               for p in ("student", "teacher")}
+        gsm8k = None
+        if a.gsm8k_limit > 0 and Path(a.gsm8k).is_file():
+            g = load_problems(a.gsm8k, require_solution=False, require_answer=True, limit=a.gsm8k_limit, verbose=False)
+            gsm8k = evaluate.greedy_correct(engine, g, max_new_tokens=a.max_new_tokens)
+        R.close(engine)
+        out[name] = {p: sum(c) / len(c) for p, c in res.items()}
+        cache = before_cache(a, name, source)  # the student-prompt result is every run's step 0 from this model
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(res["student"]))
+        line = {"date": time.strftime("%Y-%m-%d %H:%M"), "name": f"eval:{name}", "heldout": a.heldout, "source": source,
+                "max_new_tokens": a.max_new_tokens, "student_prompt": out[name]["student"],
+                "teacher_prompt": out[name]["teacher"], "gsm8k": None if gsm8k is None else sum(gsm8k) / len(gsm8k),
+                "gsm8k_limit": a.gsm8k_limit if gsm8k is not None else 0, "wall_s": round(time.time() - t0), "load_avg": os.getloadavg()[0]}
+        print(json.dumps(line), flush=True)
+        if a.log:
+            with open(a.log, "a") as f:
+                f.write(json.dumps(line) + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics, table, plot
+# --------------------------------------------------------------------------------------------------
+def bootstrap_ci(per_seed: list[list[bool]], n: int, seed: int = 0) -> list[float]:
+    """95 % percentile CI of the seed-averaged accuracy over ``n`` resamples of the problems
+    (``per_seed``: ``[seeds][problems]`` correctness on the same problems)."""
+    import numpy as np
+
+    x = np.array(per_seed, dtype=float).mean(0)  # [problems], averaged over seeds
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n, len(x)))].mean(1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def summarize(rows: dict, a) -> dict:
+    """rows: name -> [result per seed] -> {name: {mean, std, ci, per_seed, gsm8k...}}."""
+    import statistics
+
+    out = {}
+    for name, results in rows.items():
+        finals = [r["final_correct"] for r in results]
+        accs = [sum(c) / len(c) for c in finals]
+        block = {"seeds": len(results), "per_seed": accs, "mean": statistics.fmean(accs),
+                 "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "ci": bootstrap_ci(finals, a.bootstrap)}
+        g = [r["gsm8k_correct"] for r in results if r.get("gsm8k_correct")]
+        if g:
+            ga = [sum(c) / len(c) for c in g]
+            block.update(gsm8k_mean=statistics.fmean(ga), gsm8k_std=statistics.stdev(ga) if len(ga) > 1 else 0.0,
+                         gsm8k_seeds=len(ga), gsm8k_ci=bootstrap_ci(g, a.bootstrap))
+        out[name] = block
+    return out
+
+
+def markdown(summary: dict, a, gsm8k_note: str) -> str:
+    head = f"| method | seeds | held-out acc. ({a.heldout}, greedy), mean ± std | 95 % bootstrap CI | per seed | GSM8K ({a.gsm8k_limit}) |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for name, b in summary.items():
+        g = f"{b['gsm8k_mean']:.3f} ± {b['gsm8k_std']:.3f} ({b['gsm8k_seeds']} seed(s), CI {b['gsm8k_ci'][0]:.3f}-{b['gsm8k_ci'][1]:.3f})" \
+            if "gsm8k_mean" in b else gsm8k_note
+        lines.append(f"| {name} | {b['seeds']} | {b['mean']:.3f} ± {b['std']:.3f} | {b['ci'][0]:.3f}-{b['ci'][1]:.3f} | "
+                     f"{', '.join(f'{x:.3f}' for x in b['per_seed'])} | {g} |")
+    return "\n".join(lines)
+
+
+def study_table(lines: list[dict]) -> str:
+    """The study log as markdown: model evaluations first, then every training run grouped by setting, with
+    before / after held-out accuracy, the per-setting mean change over seeds, and the rollout correctness."""
+    import statistics
+
+    out = ["| model | held-out problems | student prompt | teacher prompt (with reference) | GSM8K |", "|---|---|---|---|---|"]
+    for l in lines:
+        if l["name"].startswith("eval:"):
+            g = f"{l['gsm8k']:.3f} ({l['gsm8k_limit']})" if l.get("gsm8k") is not None else "-"
+            out.append(f"| {l['name'][5:]} | {l['heldout']} | {l['student_prompt']:.3f} | {l['teacher_prompt']:.3f} | {g} |")
+    out += ["", "| setting | seed | train.py flags (beyond configs/mini-repro.yaml) | before | after | Δ | curve | rollout correct (first -> last step) | wall |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    runs = [l for l in lines if not l["name"].startswith("eval:")]
+    by = {}
+    for l in runs:
+        by.setdefault(l["name"], []).append(l)
+    for name, ls in by.items():
+        for l in ls:
+            flags = l["command"].split("--config ", 1)[1].split(" ", 1)[1]
+            flags = flags.split(" --seed ")[0]
+            curve = ", ".join(f"{k}: {v:.3f}" for k, v in sorted(l["curve"].items(), key=lambda kv: int(kv[0])))
+            tc = l["train_correct"]
+            out.append(f"| {name} | {l['seed']} | `{flags}` | {l['before']:.3f} | {l['after']:.3f} | {l['after'] - l['before']:+.3f} | "
+                       f"{curve} | {tc[0]:.2f} -> {tc[-1]:.2f} (mean {statistics.fmean(tc):.2f}) | {l['wall_s'] / 60:.1f} min |")
+        if len(ls) > 1:
+            d = [l["after"] - l["before"] for l in ls]
+            out.append(f"| **{name}: mean over {len(ls)} seeds** | | | | {statistics.fmean(l['after'] for l in ls):.3f} | "
+                       f"**{statistics.fmean(d):+.3f} ± {statistics.stdev(d):.3f}** | | | |")
+    return "\n".join(out)
+
+
+def plot(curves: dict, path: Path):
+    """One PNG: held-out accuracy vs optimizer step, mean over seeds (band = min-max), a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=110)
+    for name, per_seed in curves.items():
+        steps = sorted({int(s) for c in per_seed for s in c})
+        vals = np.array([[c.get(str(s), np.nan) for s in steps] for c in per_seed])
+        mean = np.nanmean(vals, 0)
+        ax.plot(steps, mean, marker="o", ms=3, label=name)
+        if len(per_seed) > 1:
+            ax.fill_between(steps, np.nanmin(vals, 0), np.nanmax(vals, 0), alpha=0.15)
+    ax.set_xlabel("optimizer step (sft: from the base model; others: from the warm start)")
+    ax.set_ylabel("held-out greedy accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.worker:
+        return worker(json.loads(a.worker))
+    os.chdir(ROOT)
+    if a.study_table:
+        print(study_table([json.loads(l) for l in open(a.log) if l.strip()]))
+        return None
+    if a.eval_only:
+        return eval_only(a)
+    if a.run:  # one study setting
+        flags = [x.replace("@warm", a.model).replace("@base", a.base) for x in a.train_flags]
+        steps = next((int(flags[i + 1]) for i in range(len(flags) - 1, -1, -1) if flags[i] == "--max_steps"), None) or \
+            __import__("yaml").safe_load(open(ROOT / a.config))["max_steps"]
+        evals = list(range(a.eval_every, steps + 1, a.eval_every)) if a.eval_every else []
+        gs = a.gsm8k_limit > 0 and Path(a.gsm8k).is_file() and (a.gsm8k_seeds is None or a.seed in a.gsm8k_seeds)
+        res = run_one(a.run, a.seed, a.config, flags, a, evals, gsm8k=gs)
+        print(json.dumps(res["curve"]))
+        return res
+    t0 = time.time()
+    gsm8k_ok = a.gsm8k_limit > 0 and Path(a.gsm8k).is_file()
+    gsm8k_note = "skipped (--gsm8k_limit 0)" if a.gsm8k_limit <= 0 else \
+        ("" if gsm8k_ok else f"skipped: {a.gsm8k} not found")
+    if gsm8k_note:
+        print(f"[mini_repro] GSM8K {gsm8k_note}")
+    rows, curves, missing = {}, {}, []
+    for row in a.rows:
+        config, flags = ROWS[row]
+        flags = [x.replace("@warm", a.model).replace("@base", a.base) for x in flags] + a.train_flags
+        steps = a.sft_steps if row == "sft" else a.steps
+        if steps:
+            flags += ["--max_steps", str(steps)]
+        steps = steps or __import__("yaml").safe_load(open(ROOT / config))["max_steps"]
+        every = a.eval_every or max(1, steps // 2)
+        if row == "sft":
+            every = max(1, steps // 4) if not a.eval_every else every
+        evals = list(range(every, steps + 1, every))
+        results = []
+        for seed in a.seeds:
+            gs = gsm8k_ok and (a.gsm8k_seeds is None or seed in a.gsm8k_seeds)
+            if a.report_only:
+                f = Path(a.output_dir) / "runs" / f"{row}-s{seed}.json"
+                if f.is_file():
+                    results.append(json.loads(f.read_text()))
+                else:
+                    missing.append(f"{row} seed {seed}")
+                continue
+            results.append(run_one(row, seed, config, flags, a, evals, gs))
+        if not results:
+            if row == "sft":  # fall back to the cached models' held-out results (one seed, no curve)
+                for name, model in (("base", a.base), ("sft (warm start)", a.model)):
+                    c = before_cache(a, model, "demo-arithmetic-test")
+                    if c.is_file():
+                        rows[name] = [{"final_correct": json.loads(c.read_text()), "gsm8k_correct": None}]
+            continue
+        if row == "sft":  # step 0 of the sft runs is the base model (greedy: the same for every seed)
+            rows["base"] = [{"final_correct": r["before_correct"], "gsm8k_correct": None} for r in results[:1]]
+            curves["base"] = [{"0": results[0]["curve"]["0"]}]
+        rows[row] = results
+        curves[row] = [r["curve"] for r in results]
+    summary = summarize(rows, a)
+    out = Path(a.output_dir)
+    table = markdown(summary, a, gsm8k_note or "not run for this row")
+    (out / "table.md").write_text(table + "\n")
+    (out / "summary.json").write_text(json.dumps({"args": {k: v for k, v in vars(a).items() if k != "worker"},
+                                                  "summary": summary, "curves": curves, "wall_s": time.time() - t0}, indent=1))
+    plot(curves, out / "accuracy_vs_step.png")
+    if missing:
+        table += f"\n\nNot run (--report_only): {', '.join(missing)}."
+        (out / "table.md").write_text(table + "\n")
+    print(table)
+    print(f"[mini_repro] {out / 'table.md'}, {out / 'accuracy_vs_step.png'} ({(time.time() - t0) / 60:.1f} min)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
