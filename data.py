@@ -59,16 +59,16 @@ DEMO_MODEL = "smollm2-135m"
 # --------------------------------------------------------------------------------------------------
 # ALGORITHM: answers (the last \boxed{} of a response)
 # --------------------------------------------------------------------------------------------------
-def last_boxed(text: str | None) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, nested braces handled.
+_BOX = re.compile(r"\\(?:boxed|fbox)\b")
 
-    ``\\boxed 5`` (no braces) yields ``"5"``. An unclosed box or no box yields ``None``; an empty
-    box yields ``""``.
-    """
-    if not text:
-        return None
-    starts = [m for m in re.finditer(r"\\(?:boxed|fbox)\b", text)]
-    for m in reversed(starts):
+
+def boxes(text: str) -> list[tuple[int, int, str | None]]:
+    """``(start, end, content)`` of each top-level ``\\boxed{...}`` / ``\\fbox{...}`` of ``text`` in order,
+    nested braces handled; ``\\boxed 5`` (no braces) gives ``"5"``. ``content`` is ``None`` for an unclosed
+    box, which then runs to the end of ``text`` (so it is the last). The one box scanner of the project:
+    ``last_boxed`` here, ``grading.extract_answer`` for responses."""
+    out, pos = [], 0
+    while (m := _BOX.search(text, pos)) is not None:
         i = m.end()
         while i < len(text) and text[i] == " ":
             i += 1
@@ -77,12 +77,29 @@ def last_boxed(text: str | None) -> str | None:
             for j in range(i, len(text)):
                 depth += {"{": 1, "}": -1}.get(text[j], 0)
                 if depth == 0:
-                    return text[i + 1 : j].strip()
-            continue  # unclosed: try an earlier box
+                    out.append((m.start(), j + 1, text[i + 1:j].strip()))
+                    pos = j + 1
+                    break
+            else:
+                out.append((m.start(), len(text), None))
+                break
+            continue
         bare = re.match(r"[^\s$\\]+", text[i:]) if i > m.end() else None  # "\boxed 5"
         if bare:
-            return bare.group(0).rstrip(".,;")
-    return None
+            out.append((m.start(), i + bare.end(), bare.group(0).rstrip(".,;")))
+            pos = i + bare.end()
+        else:
+            pos = m.end()
+    return out
+
+
+def last_boxed(text: str | None) -> str | None:
+    """Content of the last closed ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text`` (``boxes``): the answer of a
+    reference solution. An unclosed last box falls back to the box before it; no box yields ``None``, an
+    empty box ``""``. (A *response* with an unclosed last box has no answer: ``grading.extract_answer``.)
+    """
+    closed = [c for _, _, c in boxes(text or "") if c is not None]
+    return closed[-1] if closed else None
 
 
 def split_gsm8k(answer: str) -> tuple[str, str]:

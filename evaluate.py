@@ -182,21 +182,29 @@ def benchmark_label(name: str) -> str:
     return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
+def benchmark_problem(names: list[str]) -> str | None:
+    """What is wrong with a list of benchmark names / files (one line, for ``--benchmarks`` here and train.py's
+    ``--eval_benchmarks``), or None: an unknown name, a missing file, two that share a label."""
+    for b in names:
+        if b in BENCHMARKS or b in DEMO_SOURCES:  # demo-arithmetic-test: the offline held-out split
+            continue
+        if Path(b).suffix not in LOCAL_SUFFIXES:
+            return (f"unknown benchmark {b!r} (known: {', '.join(BENCHMARKS)}, demo-arithmetic-test, "
+                    f"or a {'/'.join(LOCAL_SUFFIXES)} file)")
+        if not Path(b).is_file():
+            return f"no such file {b}"
+    labels = [benchmark_label(b) for b in names]
+    if len(set(labels)) != len(labels):
+        return f"two benchmarks share a name ({labels}); rename a file"
+    return None
+
+
 def check_args(a: Args):
     """The checks beyond each flag's own range: seeds, benchmark names / files, the model folder."""
     if len(set(a.seeds)) != len(a.seeds):
         fail(f"--seeds has duplicates: {a.seeds}")
-    for b in a.benchmarks:
-        if b in BENCHMARKS or b in DEMO_SOURCES:  # demo-arithmetic-test: the offline held-out split
-            continue
-        if Path(b).suffix not in LOCAL_SUFFIXES:
-            fail(f"--benchmarks: unknown benchmark {b!r} (known: {', '.join(BENCHMARKS)}, "
-                 f"or a {'/'.join(LOCAL_SUFFIXES)} file)")
-        if not Path(b).is_file():
-            fail(f"--benchmarks: no such file {b}")
-    labels = [benchmark_label(b) for b in a.benchmarks]
-    if len(set(labels)) != len(labels):
-        fail(f"--benchmarks: two benchmarks share a name ({labels}); rename a file")
+    if (problem := benchmark_problem(a.benchmarks)) is not None:
+        fail(f"--benchmarks: {problem}")
     looks_local = a.model.startswith((".", "/", "~")) or a.model.strip("/").count("/") > 1  # Hub ids: one "/"
     if looks_local and not Path(a.model).expanduser().exists():
         fail(f"--model: no such folder {a.model}")

@@ -48,7 +48,7 @@ import time
 import zlib
 from functools import lru_cache
 
-from data import split_gsm8k
+from data import boxes, split_gsm8k
 
 EXACT_RTOL = 1e-40  # exact forms: relative difference at 60 significant digits (i.e. equal)
 DECIMAL_RTOL = 1e-3  # decimals: on top of math-verify's rounding to 6 decimal places
@@ -64,40 +64,10 @@ def stable_seed(*parts) -> int:
 # --------------------------------------------------------------------------------------------------
 # Which box is the answer
 # --------------------------------------------------------------------------------------------------
-_BOX = re.compile(r"\\(?:boxed|fbox)\b")
 _LAYOUT = r"(?:\s|\$|\\[(),;:!\[\]]|\\q?quad\b|~|&|\\text\{\s*\})*"
 _CONNECTOR = r"(?:,|;|\band\b|\bor\b|\\text\{\s*(?:and|or|,)\s*\})"
 _LABEL = r"(?:[A-Za-z](?:_\{?\w+\}?)?\s*=)"  # "y =" in "x = \boxed{3}, y = \boxed{5}"
 _JOINED = re.compile(rf"{_LAYOUT}(?:{_CONNECTOR}{_LAYOUT})?(?:{_LABEL}{_LAYOUT})?")
-
-
-def _boxes(text: str) -> list[tuple[int, int, str | None]]:
-    """``(start, end, content)`` of each top-level box in order; ``content`` is ``None`` for an unclosed
-    box (which then runs to the end of ``text``, so it is the last)."""
-    out, pos = [], 0
-    while (m := _BOX.search(text, pos)) is not None:
-        i = m.end()
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                depth += {"{": 1, "}": -1}.get(text[j], 0)
-                if depth == 0:
-                    out.append((m.start(), j + 1, text[i + 1:j].strip()))
-                    pos = j + 1
-                    break
-            else:
-                out.append((m.start(), len(text), None))
-                break
-            continue
-        bare = re.match(r"[^\s$\\]+", text[i:]) if i > m.end() else None  # "\boxed 5"
-        if bare:
-            out.append((m.start(), i + bare.end(), bare.group(0).rstrip(".,;")))
-            pos = i + bare.end()
-        else:
-            pos = m.end()
-    return out
 
 
 def extract_answer(response: str) -> str | None:
@@ -111,11 +81,11 @@ def extract_answer(response: str) -> str | None:
     matter here: it returns every box of a response as one set (a revised ``\\boxed{3} ... \\boxed{4}``
     becomes ``{3, 4}``) and it reads an earlier box when the last one is cut off.
     """
-    boxes = _boxes(response or "")
-    if not boxes or boxes[-1][2] is None:
+    found = boxes(response or "")
+    if not found or found[-1][2] is None:
         return None
-    group = [boxes[-1]]
-    for prev in reversed(boxes[:-1]):
+    group = [found[-1]]
+    for prev in reversed(found[:-1]):
         if not _JOINED.fullmatch(response[prev[1]:group[0][0]]):
             break
         group.insert(0, prev)

@@ -678,15 +678,8 @@ def check_eval_benchmarks(names: list[str]):
     """Exit with one line on an unknown benchmark name or a missing file (before anything is loaded)."""
     import evaluate as E
 
-    for b in names:
-        if b not in E.BENCHMARKS and Path(b).suffix not in E.LOCAL_SUFFIXES:
-            fail(PROG, f"--eval_benchmarks: unknown benchmark {b!r} (known: {', '.join(E.BENCHMARKS)}, or a "
-                       f"{'/'.join(E.LOCAL_SUFFIXES)} file)")
-        if b not in E.BENCHMARKS and not Path(b).is_file():
-            fail(PROG, f"--eval_benchmarks: no such file {b}")
-    labels = [E.benchmark_label(b) for b in names]
-    if len(set(labels)) != len(labels):
-        fail(PROG, f"--eval_benchmarks: two benchmarks share a name ({labels}); rename a file")
+    if (problem := E.benchmark_problem(names)) is not None:
+        fail(PROG, f"--eval_benchmarks: {problem}")
 
 
 def eval_protocol(args: Args, backend: str):
@@ -770,6 +763,27 @@ def log_eval(run: Run, row: dict, bar):
         with open(Path(run.args.output_dir) / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         run.accelerator.log(row, step=row["step"])
+
+
+def heldout_summary(args: Args) -> list[str]:
+    """One line per ``--eval_benchmarks`` label comparing the first and last evaluation of the run, read back
+    from ``metrics.jsonl`` (so a resumed run still compares against its step 0):
+    ``held-out accuracy (200 problems, greedy): before 0.435 -> after 0.495`` (``avg@n`` of ``n`` samples at
+    ``--eval_temperature`` when not greedy). ``[]`` without two evaluations at different steps."""
+    path = Path(args.output_dir) / "metrics.jsonl"
+    rows = [r for r in map(json.loads, path.read_text().splitlines()) if "eval_s" in r] if path.is_file() else []
+    if len({r["step"] for r in rows}) < 2:
+        return []
+    first, last = min(rows, key=lambda r: r["step"]), max(rows, key=lambda r: r["step"])
+    how = "greedy" if args.eval_temperature == 0 and args.eval_n == 1 else f"avg@{args.eval_n}, T {args.eval_temperature:g}"
+    out = []
+    for label in dict.fromkeys(k.split("/")[1] for k in last if k.startswith("eval/") and k.count("/") == 2):
+        if label == "mean" or f"eval/{label}/avg@{args.eval_n}" not in first:
+            continue
+        key, n = f"eval/{label}/avg@{args.eval_n}", f"{args.eval_limit} problems, " if args.eval_limit else ""
+        out.append(f"held-out accuracy ({label}, {n}{how}): before {first[key]:.3f} (step {first['step']}) -> "
+                   f"after {last[key]:.3f} (step {last['step']})")
+    return out
 
 
 # ==================================================================================================
@@ -887,6 +901,9 @@ def main(argv=None, on_step=None):
             on_step(run, step + 1)
     R.close(run.engine)  # before end_training() destroys the process group vLLM also uses
     run.accelerator.end_training()
+    if run.accelerator.is_main_process:
+        for line in heldout_summary(args):  # what training did to held-out accuracy (--eval_steps)
+            print(line)
     return args.output_dir
 
 

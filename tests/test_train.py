@@ -223,3 +223,21 @@ def test_resume_latest_without_a_checkpoint_starts_fresh(tiny_model_dir, tmp_pat
     run_train(*tiny_args(tiny_model_dir, str(killed), max_steps=1, save_steps=5, resume_from_checkpoint="latest"))
     rows = [json.loads(l) for l in open(killed / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1] and rows[0]["loss"] != -1.0
+
+
+def test_heldout_summary_compares_first_and_last_evaluation(tmp_path):
+    import train
+
+    rows = [{"step": 0, "eval/demo-arithmetic-test/avg@1": 0.435, "eval/mean/avg@1": 0.435, "eval_s": 1.0},
+            {"step": 1, "loss": 0.01},
+            {"step": 5, "eval/demo-arithmetic-test/avg@1": 0.495, "eval/mean/avg@1": 0.495, "eval_s": 1.0}]
+    args = train.parse_args(["--output_dir", str(tmp_path), "--eval_steps", "5", "--eval_n", "1",
+                             "--eval_temperature", "0", "--eval_limit", "200"])
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert train.heldout_summary(args) == ["held-out accuracy (demo-arithmetic-test, 200 problems, greedy): "
+                                           "before 0.435 (step 0) -> after 0.495 (step 5)"]
+    args.eval_n, args.eval_temperature = 4, 1.0  # sampled: the line names the metric; avg@4 was not logged
+    assert train.heldout_summary(args) == []
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")  # one evaluation: nothing to compare
+    args.eval_n = 1
+    assert train.heldout_summary(args) == []
