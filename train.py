@@ -11,7 +11,7 @@ Each optimizer step (paper, Sec. 4 / Alg. 1), numbered as in ``main``:
      weighted (uniform / position) and reduced (token / sequence) with the step's global normaliser
      (completion tokens and sequences over all processes); backward;
   4. clips the gradient norm and steps the optimizer and the learning-rate schedule;
-  5. (vLLM) pushes the new weights into the rollout engine;
+  5. (vLLM) pushes the new policy into the rollout engine (--vllm_sync: the LoRA adapter or merged weights);
   6. logs the step's metrics (reduced over processes by name) and saves a checkpoint every --save_steps;
   7. (--eval_steps N) evaluates the current policy at step 0 and every N steps with the same engine.
 With --teacher ema the teacher pass uses a second LoRA adapter, an EMA of the student updated after step 4.
@@ -115,6 +115,10 @@ class Args:
     kv_cache_gib: float = arg(1.0, "vLLM on CPU: KV cache size (GiB)", check="> 0")
     vllm_sync_every: int = arg(1, "push weights to vLLM every N optimizer steps (N > 1: rollouts come from a "
                                   "policy up to N-1 steps old)", check="> 0")
+    vllm_sync: str = arg("auto", "how a LoRA policy reaches vLLM: adapter = the engine applies the adapter next to its "
+                                 "frozen base, as the trainer does; merged = W + scale B A in the weights' dtype (bf16 "
+                                 "rounds most of a small update away); auto = adapter for 16-bit weights, merged in "
+                                 "float32. Full fine-tuning always syncs the weights", choices=R.SYNC_MODES)
     # --- teacher -------------------------------------------------------------------------------------
     teacher: str = arg("base", "the privileged teacher's weights: base = the initial policy (the paper); ema = an "
                                "exponential moving average of the student, kept as a second, frozen LoRA adapter",
@@ -171,6 +175,7 @@ def parse_args(argv=None) -> Args:
         (L.METHODS[args.method].loss == "clipped_fkl" or (args.beta, args.teacher_top_k) == (0, 0),
          f"--beta / --teacher_top_k change the clipped forward KL; --method {args.method} does not use it"),
         (args.beta == 0 or args.teacher_top_k == 0, "--teacher_top_k is a forward KL: use it with --beta 0"),
+        (args.vllm_sync != "adapter" or args.use_lora, "--vllm_sync adapter syncs the LoRA adapter: it needs --use_lora true"),
         (args.teacher == "base" or args.use_lora, "--teacher ema keeps the EMA as a second LoRA adapter: it needs "
                                                   "--use_lora true (full fine-tuning has no EMA teacher)"),
         (args.clip_mode == "pointwise" or (L.METHODS[args.method].loss == "clipped_fkl" and (args.beta, args.teacher_top_k) == (0, 0)),
@@ -434,9 +439,12 @@ def build_engine(args: Args, accelerator, model, tok, model_path: str) -> R.Engi
         return R.make_engine("hf", model=policy, tokenizer=tok)
     # The context also holds the evaluation's longer responses when --eval_max_new_tokens asks for them.
     new_tokens = max(args.max_new_tokens, (args.eval_max_new_tokens or 0) if args.eval_steps else 0)
+    adapter = R.sync_mode(args.vllm_sync, policy) == "adapter"  # LoRA in bf16: merged weights would round the update away
+    accelerator.print(f"[train] vLLM weight sync: {'the LoRA adapter' if adapter else 'merged weights'} (--vllm_sync {args.vllm_sync})")
     return R.make_engine("vllm", model_path, model=policy, tokenizer=tok, max_model_len=args.max_prompt_length + new_tokens,
                          seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
-                         colocated=True, accelerator=accelerator, trust_remote_code=args.trust_remote_code)
+                         colocated=True, accelerator=accelerator, trust_remote_code=args.trust_remote_code,
+                         lora_rank=args.lora_r if adapter else None)
 
 
 def resume_from(run: Run, checkpoint: str) -> int:

@@ -397,3 +397,39 @@ def test_evaluating_an_adapter_writes_no_model_files_vllm(tiny_model_dir, tmp_pa
     E.main(argv + ["--save_merged", str(tmp_path / "merged"), "--overwrite_output_dir", "true"])
     assert seen["path"] == str(tmp_path / "merged") and (tmp_path / "merged" / "model.safetensors").is_file()
     assert sorted(os.listdir(out)) == RUN_ONLY
+
+
+def test_lora_checkpoint_in_16_bit_merges_in_float32_or_is_served_unmerged(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """bf16: --save_merged / load_model merge in float32 and cast once; sampling applies the adapter unmerged --
+    the HF backend with the peft model, vLLM with the adapter folder served next to the base (no merged copy)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import rollout as R
+
+    ckpt = _adapter_checkpoint(tiny_model_dir, tmp_path / "checkpoint-3")
+    exact = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                      ckpt + "/adapter").merge_and_unload().state_dict()
+    merged = E.load_model(ckpt, "bfloat16", "cpu").state_dict()
+    assert all(torch.equal(merged[n], exact[n].to(torch.bfloat16)) for n in exact)
+    unmerged = E.load_model(ckpt, "bfloat16", "cpu", merge=False)
+    assert any("lora_B" in n for n, _ in unmerged.named_parameters()) and unmerged.get_base_model().dtype == torch.bfloat16
+
+    bench = _write_jsonl(tmp_path / "one.jsonl", [{"problem": "What is 2 + 2?", "answer": "4"}])
+    real, seen = R.make_engine, {}
+    E.main(_tiny_eval(ckpt, bench, tmp_path / "hf", "--dtype", "bfloat16"))
+    assert "applying the LoRA adapter" in capsys.readouterr().out  # the HF backend samples the peft model
+    if not R.vllm_available():
+        return
+
+    def engine_on_the_base(backend, model_path=None, **kw):
+        seen.update(path=model_path, rank=kw["lora_rank"], dtype=kw["dtype"])
+        return real("hf", model_path, tokenizer=kw["tokenizer"], dtype="float32")
+
+    monkeypatch.setattr(R, "make_engine", engine_on_the_base)
+    monkeypatch.setattr(R, "serve_adapter", lambda engine, folder: seen.update(served=folder))
+    argv = _tiny_eval(ckpt, bench, tmp_path / "vllm", "--dtype", "bfloat16")
+    argv[argv.index("hf")] = "vllm"
+    E.main(argv)
+    assert seen == {"path": tiny_model_dir, "rank": 2, "dtype": "bfloat16", "served": ckpt + "/adapter"}

