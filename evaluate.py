@@ -298,7 +298,8 @@ def load_model(model: str, dtype: str = "auto", device: str | None = None, merge
         device: default ``cuda`` when available, else ``cpu``.
         merge: a LoRA adapter is merged in float32 (``merge_and_unload`` on the float32 base) and the result cast
             to ``dtype`` once -- the nearest ``dtype`` model to the trained policy; merging in bf16 would round
-            twice. False: the peft model, unmerged, whose forward is the trainer's own (adapter next to the base).
+            twice (peak memory: the base in float32). False: the peft model, unmerged, whose forward is the
+            trainer's own (adapter next to the base).
     Returns:
         the model, in eval mode, on ``device``.
     """
