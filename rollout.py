@@ -604,9 +604,9 @@ def adapter_tensors(model, accelerator=None):
         for junk in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
             mname = mname.replace(junk, "")
         a, b = module.lora_A[active[0]].weight, module.lora_B[active[0]].weight
-        with gathered([a, b]):
-            yield f"{mname}.lora_A.weight", whole(a).detach()
-            yield f"{mname}.lora_B.weight", whole(b).detach()
+        with full_tensors([a, b]) as full:
+            yield f"{mname}.lora_A.weight", full(a).detach()
+            yield f"{mname}.lora_B.weight", full(b).detach()
 
 
 def adapter_dir() -> str:

@@ -78,16 +78,18 @@ def grads_case(run) -> dict:
 
 
 def steps_case(run, foreign_checkpoint: str | None) -> dict:
-    """Step 1, checkpoint-1, the vLLM sync tensors, step 2; then resume checkpoint-1 (train.resume_from, as a new
+    """Step 1, checkpoint-1, the vLLM sync tensors (merged and adapter), step 2; then resume checkpoint-1 (train.resume_from, as a new
     launch does) and replay step 2. With ``foreign_checkpoint``: train.find_checkpoint's refusal message for it."""
     from accelerate.utils import gather_object
 
     acc, result = run.accelerator, {"sharding": train.launch_sharding(run.accelerator)}
     result["step1"] = one_step(run, 0)
     train.save_checkpoint(acc, run.model, run.args, 1)
-    policy = {n: t.clone() for n, t in R.policy_weights(run.model, acc)}  # collective: every rank syncs its engine
-    result["policy"] = policy
-    result["policy_sums"] = gather_object([{n: t.double().sum().item() for n, t in policy.items()}])  # per rank
+    # The vLLM sync's tensors, both modes (collective: every rank syncs its own engine): merged weights, LoRA adapter.
+    result["policy"] = {n: t.clone() for n, t in R.policy_weights(run.model, acc)}
+    result["adapter_tensors"] = {n: t.clone() for n, t in R.adapter_tensors(run.model, acc)}
+    synced = {**result["policy"], **result["adapter_tensors"]}
+    result["sync_sums"] = gather_object([{n: t.double().sum().item() for n, t in synced.items()}])  # per rank
     result["step2"] = one_step(run, 1)
     checkpoint = str(Path(run.args.output_dir) / "checkpoint-1")
     result["checkpoint"], result["checkpoint_sharding"] = checkpoint, train.checkpoint_sharding(checkpoint)

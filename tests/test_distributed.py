@@ -4,11 +4,11 @@ Real 2-process runs on CPU (gloo), one launch per accelerate config, against 1-p
 all on fixed completions of uneven lengths (tests/dist_grad_worker.py):
 - DDP (`--multi_gpu`): the loss and every LoRA gradient, both reductions.
 - DeepSpeed ZeRO-2 and ZeRO-3 (configs/accelerate/zero*.yaml) -- and, with PWOPSD_TEST_FORCED_FSDP=1, FSDP2
-  (configs/accelerate/fsdp2.yaml with accelerate's FSDP switch forced; see FSDP2_NOT_LAUNCHABLE for why): the step-1 loss,
-  gradients and gradient norm; both optimizer steps are torch's clip + AdamW of the run's own
-  gradients; checkpoint-1 holds the step-1 adapter, resuming it restores the state and replays step 2; the vLLM
-  weight-sync tensors equal those of the unsharded model with that adapter, on every rank; a checkpoint of another
-  sharding is refused in one line, both ways.
+  (configs/accelerate/fsdp2.yaml with accelerate's FSDP switch forced; FSDP2_NOT_LAUNCHABLE says why): the step-1
+  loss, gradients and gradient norm; both optimizer steps are torch's clip + AdamW of the run's own gradients;
+  checkpoint-1 holds the step-1 adapter, resuming it restores the state and replays step 2; the vLLM weight-sync
+  tensors (merged and adapter) equal those of the unsharded model with that adapter, on every rank; a checkpoint
+  of another sharding is refused in one line, both ways.
 Tolerance TOL = 1e-5, relative plus TOL x each tensor's largest entry: the other summation order's float32 rounding
 reaches 1.5e-6 on the gradients here (ZeRO-2; 1e-6 would fail), a wrong normalisation of the split is >= 1e-2.
 """
@@ -186,21 +186,24 @@ def test_checkpoint_holds_the_adapter_and_resume_replays_step_2(one_process, sha
 
 
 def test_weight_sync_tensors_equal_the_unsharded_model(one_process, sharded, peaked_model_dir):
-    """The vLLM sync's tensors (rollout.policy_weights: ZeRO-3 gathered / FSDP2 DTensors made whole, LoRA merged)
-    against policy_weights of the plain model + checkpoint-1's adapter; every rank yields the same tensors."""
+    """The vLLM sync's tensors -- rollout.policy_weights (--vllm_sync merged: ZeRO-3 gathered / FSDP2 DTensors made
+    whole, LoRA merged) and rollout.adapter_tensors (--vllm_sync adapter) -- against the plain model + checkpoint-1's
+    adapter; every rank yields the same tensors."""
     from peft import PeftModel
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     import rollout as R
 
     for name, run in steps_runs(one_process, sharded).items():
-        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(peaked_model_dir),
-                                          os.path.join(run["checkpoint"], "adapter"))
+        adapter = os.path.join(run["checkpoint"], "adapter")
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(peaked_model_dir), adapter)
         with torch.no_grad():
             expected = {n: t.clone() for n, t in R.policy_weights(plain)}
         assert_tensors_close(run["policy"], expected)
-        for rank_sums in run["policy_sums"][1:]:
-            assert rank_sums == pytest.approx(run["policy_sums"][0], rel=1e-12), name
+        assert_tensors_close(run["adapter_tensors"], load_file(os.path.join(adapter, "adapter_model.safetensors")))
+        for rank_sums in run["sync_sums"][1:]:
+            assert rank_sums == pytest.approx(run["sync_sums"][0], rel=1e-12), name
 
 
 def test_checkpoint_of_another_sharding_is_refused_both_ways(one_process, sharded, problems):
