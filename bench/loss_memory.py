@@ -125,7 +125,7 @@ def main():
             print(f"{impl}: failed (exit {r.returncode}; killed for memory?) {r.stderr.strip().splitlines()[-1:]}")
             continue
         rows[impl] = json.loads(r.stdout.strip().splitlines()[-1])
-    print(f"| impl | peak above inputs (GiB) | s / fwd+bwd | loss | grad norm |\n|---|---|---|---|---|")
+    print("| impl | peak above inputs (GiB) | s / fwd+bwd | loss | grad norm |\n|---|---|---|---|---|")
     for impl, r in rows.items():
         print(f"| {impl} | {r['peak_gib']:.2f} | {r['seconds']:.2f} | {r['loss']:.6f} | {r['grad_norm']:.6e} |")
     if "naive" in rows:

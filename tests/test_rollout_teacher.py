@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rollout import Rollout, encode, generate_hf, student_prompt
+from rollout import encode, generate_hf, student_prompt
 from teacher import completion_hidden_states, lm_head_weight, teacher_mode, teacher_prompt
 
 # Shapes of the real templates: Qwen3 reads enable_thinking; DeepSeek-R1-Distill opens <think> itself.
