@@ -35,3 +35,22 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def peaked_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny Llama with larger random weights: peaked next-token distributions, so the teacher/student
+    KL is O(1) and float32 rounding (~1e-7 relative) cannot hide a normalisation error of the split."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    path = tmp_path_factory.mktemp("peaked")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return str(path)

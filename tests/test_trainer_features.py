@@ -219,25 +219,15 @@ def test_iwopd_loss_value_and_gradient():
 
 # ---- several rollouts per prompt ------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def gen_run(tmp_path_factory, tiny_model_dir):
+def gen_run(tmp_path_factory, peaked_model_dir):
     """A --num_generations 2 run on a peaked tiny model (O(1) KL, so a misaligned prompt shows) and 4 problems."""
     import json
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tmp = tmp_path_factory.mktemp("gens")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3)
-    model.save_pretrained(tmp / "model")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp / "model")
     data = tmp / "d.jsonl"
     data.write_text("\n".join(json.dumps({"problem": f"What is {i} + {3 * i}?", "solution": f"{i} + {3 * i} = {4 * i}",
                                           "answer": str(4 * i)}) for i in range(1, 5)))
-    args = train.parse_args(["--model", str(tmp / "model"), "--dataset", str(data), "--batch_size", "2",
+    args = train.parse_args(["--model", peaked_model_dir, "--dataset", str(data), "--batch_size", "2",
                              "--num_generations", "2", "--per_device_train_batch_size", "2", "--rollout_backend", "hf",
                              "--lora_r", "4", "--lora_alpha", "8", "--max_new_tokens", "5", "--output_dir", str(tmp / "o"),
                              "--seed", "3"])
