@@ -30,6 +30,7 @@ import argparse
 import difflib
 import importlib.util
 import json
+import logging
 import os
 import random
 import re
@@ -37,6 +38,7 @@ import shutil
 import sys
 import tempfile
 import typing
+import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import NoReturn
@@ -199,7 +201,12 @@ def _read_rows(source: str, split: str) -> list[dict]:
         return pd.read_parquet(path).to_dict("records")
     import datasets  # Hub id (or a local dataset folder)
 
-    return list(datasets.load_dataset(source, split=split))
+    try:
+        return list(datasets.load_dataset(source, split=split))
+    except ConnectionError as e:  # offline (HF_HUB_OFFLINE) or no network: one line, with what to do instead
+        cause = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise ConnectionError(f"cannot download {source!r} from the Hugging Face Hub ({cause}); use a local "
+                              f".jsonl/.json/.parquet copy of it, or an offline built-in: {', '.join(DEMO_SOURCES)}") from None
 
 
 def _columns(row: dict, prefix: str = "") -> set[str]:
@@ -271,6 +278,7 @@ def load_problems(source: str = DEFAULT_DATASET, split: str = "train", *, proble
     Raises:
         KeyError: a required field is missing (message names the source and its columns).
         FileNotFoundError / ValueError: unreadable local file.
+        ConnectionError: a Hub dataset that cannot be downloaded (one line naming it and the offline choices).
 
     Layouts read (columns auto-detected from the first record among ``PROBLEM_FIELDS`` /
     ``SOLUTION_FIELDS`` / ``ANSWER_FIELDS``; the choice is printed once per source):
@@ -356,8 +364,9 @@ def build_warm_start(name: str) -> str:
     Runs ``train.py --config configs/<recipe>`` (method ``sft``: LoRA SFT on the reference solutions) in
     a subprocess, merges the adapter into the base model in float32 (peft ``merge_and_unload``) and saves
     an HF folder ``<cache_dir>/<name>-<hash of the recipe>`` -- so editing the recipe builds a new model.
-    Seeded by the recipe's ``seed``; the folder appears only when complete (temporary folder + rename).
-    Raises RuntimeError if the SFT run fails (its last output lines are in the message).
+    Seeded by the recipe's ``seed``; the folder appears only when complete (temporary folder + rename). The run's
+    progress bar (stderr) is shown as it goes. Raises RuntimeError if the SFT run fails (its last stdout lines are in
+    the message; its error went to stderr).
     """
     import hashlib
     import subprocess
@@ -376,9 +385,10 @@ def build_warm_start(name: str) -> str:
     print(f"[data] building the warm start {name} once ({recipe.name}, {cfg['max_steps']} SFT steps) into {target} ...")
     cmd = [sys.executable, str(recipe.parent.parent / "train.py"), "--config", str(recipe), "--output_dir", str(tmp / "run"),
            "--save_steps", str(cfg["max_steps"])]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    # stdout (its step lines) is kept for the error message; stderr passes through: the run's progress bar per step
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if p.returncode != 0:
-        raise RuntimeError(f"--model {name}: the SFT warm start failed:\n" + "\n".join((p.stdout + p.stderr).splitlines()[-15:]))
+        raise RuntimeError(f"--model {name}: the SFT warm start failed (its error is above):\n" + "\n".join(p.stdout.splitlines()[-15:]))
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -631,6 +641,66 @@ def load_tokenizer(name: str, *, what: str | None = None, hint: str = "", trust_
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code), path
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"{what or '--model ' + name}: cannot load ({(str(e).strip() or type(e).__name__).splitlines()[0]}){hint}")
+
+
+# The console. By default a run prints its own lines (header, progress bars, step lines, final summary) and the
+# libraries only their errors: vLLM's start-up log (INFO and WARNING lines on stdout: engine config, Triton, LD_PRELOAD
+# tips, thread binding), transformers' / datasets' / DeepSpeed's / accelerate's warnings, transformers' weight-loading
+# bars and FutureWarnings / DeprecationWarnings are dropped. `--verbose true` keeps all of it; a VLLM_LOGGING_LEVEL
+# the user set is never overridden. Hub download bars stay: they are progress.
+LIBRARY_LOGGERS = ("vllm", "transformers", "datasets", "huggingface_hub", "accelerate", "peft", "DeepSpeed", "torch")
+# vLLM's in-place weight reload (rollout.sync_weights, every optimizer step) ends with a WARNING
+# "<Layer>: Failed to load weights" for each layer that owns tensors the streamed checkpoint did not contain, and then
+# puts that layer's tensors back as they were. For these two layers that is right, so the line is a false alarm:
+#   * RotaryEmbedding -- its only tensor is the cos/sin cache, computed from the config at start-up; no checkpoint
+#     holds it and training never changes it;
+#   * ParallelLMHead of a model with tied embeddings (SmolLM2, Qwen3-4B) -- its weight is the embedding matrix itself
+#     (one tensor, which rollout.policy_weights yields once, as embed_tokens, and the reload does update).
+# An untied head is streamed by name (lm_head.weight) and never warns. tests/test_vllm.py checks that synced engines
+# sample what HF samples. Dropped always (also with --verbose); any other layer's line still shows.
+HARMLESS_RELOAD_WARNINGS = ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights")
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"  # the module that logs them
+
+
+def _not_a_harmless_reload_warning(record: logging.LogRecord) -> bool:
+    return record.getMessage() not in HARMLESS_RELOAD_WARNINGS
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
+def quiet_logs(verbose: bool = False):
+    """Set up the console for a run (call once, after the flags parsed, before models load); see the note above.
+
+    Quiet (``verbose=False``): the loggers in ``LIBRARY_LOGGERS`` pass only ERROR and above (levels set now, and for
+    libraries imported later through their verbosity variables and a filter that survives their own set-up;
+    vLLM's level is ``VLLM_LOGGING_LEVEL`` if the user set it, else ERROR: also for the lines vLLM logs while it
+    imports, before its own logging set-up, e.g. "Triton is installed, but ..."); transformers' progress bars off;
+    FutureWarning and DeprecationWarning ignored. The harmless reload warnings are dropped either way.
+    Idempotent; changes this process (and its children, through the environment) only.
+    """
+    logging.getLogger(RELOAD_LOGGER).addFilter(_not_a_harmless_reload_warning)  # a logger filter: exactly its records
+    if verbose:
+        return
+    user_vllm_level = os.environ.get("VLLM_LOGGING_LEVEL")
+    for var, value in (("VLLM_LOGGING_LEVEL", "ERROR"), ("TRANSFORMERS_VERBOSITY", "error"),
+                       ("DATASETS_VERBOSITY", "error"), ("HF_HUB_VERBOSITY", "error")):
+        os.environ.setdefault(var, value)  # read when vLLM / transformers / datasets / the Hub client configure logging
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        if name == "vllm" and user_vllm_level:  # the user's level, also for what vLLM logs before it configures itself
+            if isinstance(logging.getLevelName(user_vllm_level.upper()), int):
+                logger.setLevel(user_vllm_level.upper())
+            continue
+        logger.setLevel(logging.ERROR)       # their child loggers inherit it ...
+        logger.addFilter(_errors_only)       # ... and DeepSpeed, which resets its level on import, keeps this filter
+    import transformers
+
+    # Every bar transformers draws (loading / writing shards) is noise at this size; Hub downloads use their own bars.
+    transformers.utils.logging.set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def read_jsonl(path, repair: bool = False) -> list[dict]:

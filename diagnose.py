@@ -87,7 +87,7 @@ import torch.nn.functional as F
 
 import rollout as R
 from data import (DTYPES, arg, check_output_dir, check_same_settings, clear_output_dir, fail, load_problems,
-                  load_tokenizer, parse_config, read_jsonl, resolve_dtype)
+                  load_tokenizer, parse_config, quiet_logs, read_jsonl, resolve_dtype)
 from grading import stable_seed  # 31-bit seed from parts, the same in every process and run
 
 PROG = "diagnose.py"
@@ -154,6 +154,8 @@ class Args:
     threads: int = arg(0, "torch CPU threads for the HF model (0 = torch's default); 1 is far faster than 2 when "
                           "other processes keep the cores busy", check=">= 0")
     output_dir: str = arg("outputs/diagnose", "spines, branches, positions, summary, plots")
+    verbose: bool = arg(False, "also show the libraries' logs and warnings (vLLM, transformers, ...); by default only "
+                               "their errors (a VLLM_LOGGING_LEVEL you set always applies)")
     overwrite_output_dir: bool = arg(False, "clear a run made with other experiment flags in --output_dir instead of "
                                             "refusing (a run with the same flags is resumed without it)")
     config: str | None = arg(None, "YAML file of these flags (flags override it), e.g. configs/diagnose-paper.yaml")
@@ -269,11 +271,12 @@ def branch_budget(index: int, max_new_tokens: int, mode: str) -> int:
 
 
 def sampler(engine: R.Engine, args: Args):
-    """``generate(prompts, budgets, n, seeds) -> [len(prompts)][n]`` completion token-id lists: rollout.py's
-    engine at the spines' sampling settings (``--rollout_temperature``, ``--top_p``, ``--top_k``)."""
-    def generate(prompts, budgets, n, seeds):
+    """``generate(prompts, budgets, n, seeds, progress=None) -> [len(prompts)][n]`` completion token-id lists:
+    rollout.py's engine at the spines' sampling settings (``--rollout_temperature``, ``--top_p``, ``--top_k``);
+    ``progress.update(n)`` as each prompt's samples are done (``rollout.generate``)."""
+    def generate(prompts, budgets, n, seeds, progress=None):
         groups = R.generate(engine, prompts, n=n, seeds=seeds, budgets=budgets, temperature=args.rollout_temperature,
-                            top_p=args.top_p, top_k=args.top_k)
+                            top_p=args.top_p, top_k=args.top_k, progress=progress)
         return [[r.completion_ids for r in group] for group in groups]
 
     return generate
@@ -285,13 +288,14 @@ def run_branches(jobs: list[dict], generate, tokenizer, eos_ids: list[int], grad
     Each job: ``{"key", "prompt" (ids, ends with the forced token), "prefix" (spine[:i] + [token]),
     "budget", "seed", "answer", "record" (fields copied into the output line)}``. A job whose forced token is
     an EOS or whose budget is 0 is graded on its prefix without sampling. ``write(line)`` is called once per
-    job, in job order, as soon as its batch is done.
+    job, in job order, as soon as its batch is done. ``bar`` counts token budget, ``n x budget`` per job: as it is
+    generated (``generate(..., progress=bar)``), or at once for a job that samples nothing.
     """
     for b in range(0, len(jobs), batch):
         chunk = jobs[b : b + batch]
         live = [j for j in chunk if j["budget"] > 0 and j["prefix"][-1] not in eos_ids]
-        conts = generate([j["prompt"] for j in live], [j["budget"] for j in live], n, [j["seed"] for j in live]) \
-            if live else []
+        conts = generate([j["prompt"] for j in live], [j["budget"] for j in live], n, [j["seed"] for j in live],
+                         progress=bar) if live else []
         by_key = {j["key"]: c for j, c in zip(live, conts)}
         for j in chunk:
             samples = by_key.get(j["key"], [[] for _ in range(n)])
@@ -300,7 +304,7 @@ def run_branches(jobs: list[dict], generate, tokenizer, eos_ids: list[int], grad
                    "continuation_tokens": [len(c) for c in samples],
                    "viability": sum(c for _, c in graded) / len(graded)})
         if bar is not None:
-            bar.update(len(chunk))
+            bar.update(n * (sum(j["budget"] for j in chunk) - sum(j["budget"] for j in live)))  # the jobs not sampled
 
 
 # Steps 5-7: labels, AUROC, cluster bootstrap
@@ -406,47 +410,70 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, positions: list[dict], out: Path):
-    """``roc.png`` (oriented ROC curve per score) and ``viability_vs_position.png``."""
+# Both plots: axes from -0.02 to 1.02 (a point at 0 or 1 is drawn whole, not cut by the frame), the legend outside
+# the axes (it can never hide a curve, wherever the curve goes) and the bin counts as tick labels above the frame.
+AXIS_RANGE = (-0.02, 1.02)
+
+
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(summary: dict, positions: list[dict]):
+    """The oriented ROC curve of every score (a matplotlib Figure; the legend, with AUROCs, right of the axes)."""
     from sklearn.metrics import roc_curve
 
     labels = np.array([int(p["label"]) for p in positions], dtype=int)
-    fig, ax = plt.subplots(figsize=(6, 6))
-    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":")
+    fig, ax = _pyplot().subplots(figsize=(8.5, 6))
+    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":", label="chance")
     if summary["auroc_defined"]:
         for r in summary["scores"]:
             x = r["orientation"] * np.array([p["scores"][r["score"]] for p in positions], dtype=float)
             fpr, tpr, _ = roc_curve(labels, x)
             ax.plot(fpr, tpr, lw=2 if r["score"] == "frac" else 1, label=f"{r['score']} ({r['auroc']:.2f})")
-        ax.legend(fontsize=7, loc="lower right")
     else:
         ax.text(0.5, 0.5, "AUROC " + summary["undefined_reason"].replace(": ", ":\n"), ha="center", va="center", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, title="score (AUROC)")
     ax.set(xlabel="false positive rate (unreliable called reliable)", ylabel="true positive rate",
-           title=f"Oriented ROC, {summary['n_positions']} positions")
+           title=f"Oriented ROC, {summary['n_positions']} positions", xlim=AXIS_RANGE, ylim=AXIS_RANGE)
+    ax.set_aspect("equal")
     fig.tight_layout()
-    fig.savefig(out / "roc.png", dpi=120)
-    plt.close(fig)
+    return fig
 
+
+def plot_viability(summary: dict):
+    """Mean viability of the teacher's top-1 token per frac bin with its 95% band (a matplotlib Figure): the legend
+    under the axes, each bin's position count as a tick label above them."""
     bins = summary["viability_by_frac_bin"]
     mid = np.array([(b["bin"][0] + b["bin"][1]) / 2 for b in bins])
     mean = np.array([np.nan if b["mean_viability_top1"] is None else b["mean_viability_top1"] for b in bins])
     lo = np.array([np.nan if b["ci95"] is None else b["ci95"][0] for b in bins])
     hi = np.array([np.nan if b["ci95"] is None else b["ci95"][1] for b in bins])
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _pyplot().subplots(figsize=(6, 4.8))
     ax.fill_between(mid, lo, hi, alpha=0.25, label="95% cluster-bootstrap band")
     ax.plot(mid, mean, marker="o", label="mean viability of teacher top-1")
-    for x, b in zip(mid, bins):
-        ax.annotate(f"n={b['n']}", (x, 0.95), ha="center", fontsize=7)
+    counts = ax.secondary_xaxis("top")  # outside the frame: never on a point
+    counts.set_xticks(mid, [f"n={b['n']}" for b in bins], fontsize=7)
+    counts.tick_params(length=0)
     ax.set(xlabel="relative position frac_t = (t - 0.5) / L", ylabel="viability (fraction of continuations correct)",
-           ylim=(0, 1), xlim=(0, 1), title="Viability of the teacher's top-1 token vs position")
-    ax.legend(fontsize=8, loc="center right")
+           xlim=AXIS_RANGE, ylim=AXIS_RANGE)
+    ax.set_title("Viability of the teacher's top-1 token vs position (n = positions per bin)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(out / "viability_vs_position.png", dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot(summary: dict, positions: list[dict], out: Path):
+    """``roc.png`` (``plot_roc``) and ``viability_vs_position.png`` (``plot_viability``) in ``out``."""
+    plt = _pyplot()
+    for fig, name in ((plot_roc(summary, positions), "roc.png"), (plot_viability(summary), "viability_vs_position.png")):
+        fig.savefig(out / name, dpi=120, bbox_inches="tight")  # "tight": the legend outside the axes is kept
+        plt.close(fig)
 
 
 # ==================================================================================================
@@ -467,7 +494,7 @@ def load_inputs(args: Args):
         problems = load_problems(args.dataset, args.dataset_split, problem_field=args.problem_field,
                                  solution_field=args.solution_field, answer_field=args.answer_field,
                                  require_solution=True, require_answer=True)
-    except (KeyError, ValueError, FileNotFoundError) as e:  # e.g. a benchmark without reference solutions
+    except (KeyError, ValueError, FileNotFoundError, ConnectionError) as e:  # no reference solutions; an unreachable Hub
         fail(PROG, f"--dataset: {e.args[0] if e.args else e}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -486,10 +513,11 @@ def load_inputs(args: Args):
 
 
 def lazy_sampler(args: Args, model, tok, path: str, chosen: list[dict], wall: dict):
-    """``sampler`` on an engine started at the first call: a finished run re-analyses without one."""
+    """``sampler`` on an engine started at the first call (or by ``generate.start()``, called before a progress bar
+    is drawn so that its clock does not count the start-up): a finished run re-analyses without one."""
     cache = {}
 
-    def generate(prompts, budgets, n, seeds):
+    def start():
         if "generate" not in cache:
             t0 = time.time()
             budget = args.max_new_tokens * (2 if args.branch_budget == "fresh" else 1)
@@ -499,21 +527,30 @@ def lazy_sampler(args: Args, model, tok, path: str, chosen: list[dict], wall: di
                                    gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib)
             cache["generate"] = sampler(engine, args)
             wall["engine_s"] = time.time() - t0
-        return cache["generate"](prompts, budgets, n, seeds)
+        return cache["generate"]
 
+    def generate(prompts, budgets, n, seeds, progress=None):
+        return start()(prompts, budgets, n, seeds, progress)
+
+    generate.start = start
     return generate
 
 
 def sample_spines(args: Args, chosen: list[dict], spines: dict, generate) -> list[tuple]:
     """Step 1: the missing spines, ``[(problem, spine index, completion ids)]``. All of a problem's spines
     come from one request seeded by (seed, problem id), so missing ones are rebuilt exactly."""
+    from tqdm import tqdm
+
     todo = [(r["id"], k) for r in chosen for k in range(args.spines_per_problem) if (r["id"], k) not in spines]
     if not todo:
         return []
     problems = [r for r in chosen if r["id"] in {p for p, _ in todo}]
     print(f"[diagnose] sampling {len(todo)} spine(s) with {R.resolve_backend(args.rollout_backend)}")
-    samples = generate([r["student_ids"] for r in problems], [args.max_new_tokens] * len(problems),
-                       args.spines_per_problem, [stable_seed(args.seed, "spine", r["id"]) for r in problems])
+    generate.start()
+    budget = len(problems) * args.spines_per_problem * args.max_new_tokens  # a problem's spines are drawn together
+    with tqdm(total=budget, desc="spines (token budget)", unit="tok", unit_scale=True, dynamic_ncols=True, smoothing=0) as bar:
+        samples = generate([r["student_ids"] for r in problems], [args.max_new_tokens] * len(problems),
+                           args.spines_per_problem, [stable_seed(args.seed, "spine", r["id"]) for r in problems], bar)
     return [(r, k, ids) for r, comps in zip(problems, samples) for k, ids in enumerate(comps) if (r["id"], k) not in spines]
 
 
@@ -522,9 +559,11 @@ def score_positions(args: Args, new_spines: list[tuple], spines: dict, model, to
     append the spine's record to ``spines.jsonl``."""
     from grading import grade
 
+    from tqdm import tqdm
+
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
     with open(path, "a") as f:
-        for r, k, ids in new_spines:
+        for r, k, ids in tqdm(new_spines, desc="scores", unit="spine", dynamic_ncols=True, smoothing=0, leave=False):
             ids = ids or [stop_ids[0]]  # defensive (every backend returns >= 1 token): an empty spine has no positions
             extracted, correct = grade(tok.decode(ids, skip_special_tokens=True), r["answer"])
             rng = random.Random(f"{args.seed}|positions|{r['id']}|{k}")
@@ -567,12 +606,16 @@ def branches_stage(args: Args, chosen: list[dict], spines: dict, generate, tok, 
     from grading import grade
 
     jobs = branch_jobs(args, chosen, spines, {branch_key(b) for b in read_jsonl(path, repair=True)})
-    n_all = sum(len(p["alternatives"]) for r in chosen for k in range(args.spines_per_problem)
-                for p in spines[(r["id"], k)]["positions"])
+    every = [(len(p["alternatives"]), branch_budget(p["index"], args.max_new_tokens, args.branch_budget))
+             for r in chosen for k in range(args.spines_per_problem) for p in spines[(r["id"], k)]["positions"]]
+    n_all, c = sum(a for a, _ in every), args.continuations
     if jobs:
-        print(f"[diagnose] {len(jobs)} branch(es) x {args.continuations} continuation(s) to run with "
+        print(f"[diagnose] {len(jobs)} branch(es) x {c} continuation(s) to run with "
               f"{R.resolve_backend(args.rollout_backend)} ({n_all - len(jobs)} already done)")
-        with open(path, "a") as f, tqdm(total=n_all, initial=n_all - len(jobs), desc="branches") as bar:
+        generate.start()
+        total, left = c * sum(a * b for a, b in every), c * sum(j["budget"] for j in jobs)  # in tokens of budget
+        with open(path, "a") as f, tqdm(total=total, initial=total - left, desc="branches (token budget)", unit="tok",
+                                        unit_scale=True, dynamic_ncols=True, smoothing=0) as bar:
             def write(line):
                 f.write(json.dumps(line) + "\n")
                 f.flush()
@@ -629,7 +672,9 @@ def report(summary: dict, positions: list[dict], out: Path, wall: dict):
           f"{summary['mean_spine_length']:.0f} tokens, truncated {summary['spine_truncation_rate']:.2f}; continuations: "
           f"accuracy {summary['continuation_accuracy']:.3f}, boxed an answer {summary['continuation_answer_rate']:.3f}; "
           f"mean viability of teacher top-1 {summary['mean_viability_top1']:.3f}")
-    print("wall: " + ", ".join(f"{k} {v:.0f}s" for k, v in wall.items()) + f"  -> {out}")
+    print("wall: " + ", ".join(f"{k} {v:.0f}s" for k, v in wall.items()))
+    print(f"[diagnose] {out}: spines.jsonl, branches.jsonl, positions.jsonl, summary.json; plots roc.png, "
+          f"viability_vs_position.png ({wall['total_s']:.0f} s)")
 
 
 # ==================================================================================================
@@ -637,6 +682,7 @@ def report(summary: dict, positions: list[dict], out: Path, wall: dict):
 # ==================================================================================================
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    quiet_logs(args.verbose)
     t_start, wall = time.time(), {}
     chosen, tok, model, path = load_inputs(args)
     out = Path(args.output_dir)

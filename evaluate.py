@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 import statistics
 import tempfile
@@ -48,7 +47,7 @@ from pathlib import Path
 
 import rollout as R
 from data import (DEMO_SOURCES, DTYPES, arg, check_output_dir, check_same_settings, clear_output_dir, fail as _fail, load_problems,
-                  load_tokenizer, parse_config, read_jsonl, resolve_dtype, resolve_model)
+                  load_tokenizer, parse_config, quiet_logs, read_jsonl, resolve_dtype, resolve_model)
 from grading import grade, majority_correct, stable_seed
 from rollout import INSTRUCTION, encode
 
@@ -97,6 +96,8 @@ class Args:
     overwrite_output_dir: bool = arg(False, "clear the samples of another run in --output_dir instead of refusing "
                                             "(a run with the same settings is resumed without it)")
     grading_timeout: int = arg(5, "seconds per math-verify parse / verify", check=">= 1")
+    verbose: bool = arg(False, "also show the libraries' logs and warnings (vLLM, transformers, ...); by default only "
+                               "their errors (a VLLM_LOGGING_LEVEL you set always applies)")
     config: str | None = arg(None, "YAML file of these flags (flags override it), e.g. configs/eval-paper.yaml")
 
 
@@ -226,7 +227,7 @@ def load_benchmark(name: str, a: Args) -> list[dict]:
     try:
         return load_problems(source, split, problem_field=a.problem_field, answer_field=a.answer_field,
                              require_solution=False, require_answer=True, limit=a.limit)
-    except (KeyError, ValueError, FileNotFoundError) as e:
+    except (KeyError, ValueError, FileNotFoundError, ConnectionError) as e:  # ConnectionError: an unreachable Hub
         fail(f"--benchmarks {name}: {e.args[0] if e.args else e}")
 
 
@@ -355,7 +356,6 @@ def build_sampler(a: Args, scratch: contextlib.ExitStack, backend: str, generate
         model = merged if merged is not None and not native else load_model(a.model, a.dtype, merge=not native)
         return R.make_engine("hf", model=model, tokenizer=tokenizer)
     del merged  # free the HF copy before vLLM takes the memory
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines go to stdout, around our table
     rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"] if native else None
     engine = R.make_engine("vllm", base if native else model_path, tokenizer=tokenizer, dtype=a.dtype,
                            max_model_len=a.max_model_len, seed=a.seeds[0], gpu_memory_utilization=a.gpu_memory_utilization,
@@ -378,11 +378,12 @@ def call_seeds(backend: str, label: str, seed: int, start: int, problems: list[d
     return todo, [stable_seed(label, seed, problems[i]["id"]) for i in todo]
 
 
-def sample(engine: R.Engine, tokenizer, prompts: list[list[int]], n: int, seeds, a: Args) -> list[list[dict]]:
-    """``n`` samples of each prompt -> ``[len(prompts)][n]`` dicts ``{"response", "num_tokens", "truncated"}``."""
+def sample(engine: R.Engine, tokenizer, prompts: list[list[int]], n: int, seeds, a: Args, progress=None) -> list[list[dict]]:
+    """``n`` samples of each prompt -> ``[len(prompts)][n]`` dicts ``{"response", "num_tokens", "truncated"}``;
+    ``progress`` counts their token budget (``n x len(prompts) x --max_new_tokens``) as it is used (``rollout.generate``)."""
     try:
         groups = R.generate(engine, prompts, n=n, seeds=seeds, max_new_tokens=a.max_new_tokens,
-                            temperature=a.rollout_temperature, top_p=a.top_p, top_k=a.top_k)
+                            temperature=a.rollout_temperature, top_p=a.top_p, top_k=a.top_k, progress=progress)
     except ValueError as e:  # a prompt fills the context
         fail(f"{e}; raise --max_model_len" if engine.backend == "vllm" else str(e))
     return [[{"response": tokenizer.decode(r.completion_ids, skip_special_tokens=True), "num_tokens": len(r.completion_ids),
@@ -390,7 +391,11 @@ def sample(engine: R.Engine, tokenizer, prompts: list[list[int]], n: int, seeds,
 
 
 def generate_missing(engine: R.Engine, benches: dict, done: dict, a: Args, path: Path, bar):
-    """Sample, grade and append to ``path`` every (benchmark, problem, seed, sample) not in ``done``."""
+    """Sample, grade and append to ``path`` every (benchmark, problem, seed, sample) not in ``done``.
+
+    ``bar`` (a tqdm) counts token budget, ``--max_new_tokens`` per sample: it advances as the samples are generated
+    (``rollout.generate``; HF: per call) and after each call is set to the budget of the samples actually kept (a
+    call may redraw stored ones: HF samples its whole slice)."""
     per_call = a.problems_per_call or (max(1, 64 // a.n) if engine.backend == "hf" else 64)
     with open(path, "a") as f:
         for label, problems in benches.items():
@@ -403,7 +408,9 @@ def generate_missing(engine: R.Engine, benches: dict, done: dict, a: Args, path:
                     if not missing:
                         continue
                     todo, seeds = call_seeds(engine.backend, label, seed, start, problems, idx, missing)
-                    samples = dict(zip(todo, sample(engine, engine.tokenizer, [prompts[i] for i in todo], a.n, seeds, a)))
+                    before = bar.n
+                    samples = dict(zip(todo, sample(engine, engine.tokenizer, [prompts[i] for i in todo], a.n, seeds, a,
+                                                    progress=bar)))
                     for i, j in missing:
                         s, p = samples[i][j], problems[i]
                         answer, correct = grade(s["response"], p["answer"], a.grading_timeout)
@@ -412,7 +419,8 @@ def generate_missing(engine: R.Engine, benches: dict, done: dict, a: Args, path:
                         f.write(json.dumps(r, ensure_ascii=False) + "\n")
                         f.flush()  # graded samples survive a kill
                         done[sample_key(r)] = r
-                        bar.update()
+                    bar.n = before + len(missing) * a.max_new_tokens
+                    bar.refresh()
 
 
 # ==================================================================================================
@@ -496,6 +504,7 @@ def main(argv=None) -> dict:
     from tqdm import tqdm
 
     a = parse_args(argv)
+    quiet_logs(a.verbose)
     t0 = time.time()
     benches = {benchmark_label(b): load_benchmark(b, a) for b in a.benchmarks}
     # 1. The store: what samples.jsonl already holds.
@@ -518,7 +527,10 @@ def main(argv=None) -> dict:
         check_same_settings(out / "settings.json", {k: getattr(a, k) for k in GENERATION_SETTINGS}, PROG, active=False)
         # 3. Generate and grade what is missing.
         if engine is not None:
-            with tqdm(total=len(keys), initial=have, desc="samples", unit="sample", dynamic_ncols=True) as bar:
+            # in tokens of budget, so that the time left is an honest bound (see rollout.generate); smoothing 0: the
+            # rate is the average so far
+            with tqdm(total=len(keys) * a.max_new_tokens, initial=have * a.max_new_tokens, desc="sampling (token budget)",
+                      unit="tok", unit_scale=True, dynamic_ncols=True, smoothing=0) as bar:
                 generate_missing(engine, benches, done, a, out / "samples.jsonl", bar)
             R.close(engine)
     # 4. Summarise, from the stored samples.

@@ -277,6 +277,8 @@ def make_engine(backend: str, model_path: str | None = None, *, model=None, toke
     # Sampling comes from our SamplingParams alone: "vllm" = neutral defaults, no server-wide caps (e.g. a
     # max_new_tokens) taken from the checkpoint's generation_config.json. Its EOS ids are still read (stop ids).
     vllm_kwargs.setdefault("generation_config", "vllm")
+    # Its weight-loading bar is start-up chatter like its INFO lines: shown only when those are (data.quiet_logs).
+    vllm_kwargs.setdefault("use_tqdm_on_load", os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper() in ("DEBUG", "INFO"))
     llm = LLM(model=model_path, tokenizer=tokenizer.name_or_path, tensor_parallel_size=1, seed=seed + rank,
               dtype=next(model.parameters()).dtype if model is not None else resolve_dtype(dtype),
               max_model_len=max_model_len, **vllm_kwargs)
@@ -316,7 +318,7 @@ def _generation_config(model_path: str):
 
 def generate(engine: Engine, prompts: list[list[int]], *, n: int = 1, seeds: int | list[int] = 0,
              budgets: list[int] | None = None, max_new_tokens: int = 1024, temperature: float = 1.1,
-             top_p: float = 0.95, top_k: int = 20, logprobs: bool = False) -> list[list[Rollout]]:
+             top_p: float = 0.95, top_k: int = 20, logprobs: bool = False, progress=None) -> list[list[Rollout]]:
     """``n`` samples of every prompt -> ``[len(prompts)][n]`` ``Rollout``s (``temperature`` 0 = greedy).
 
     Args:
@@ -334,6 +336,12 @@ def generate(engine: Engine, prompts: list[list[int]], *, n: int = 1, seeds: int
         top_k: 0 or negative disables it; top-p and top-k are off when greedy.
         logprobs: fill ``Rollout.logprobs`` with each sampled token's log-probability under the engine's
             raw (untempered, unfiltered) distribution (vLLM only).
+        progress: a progress bar (anything with ``update(k)``, e.g. a ``tqdm``) counted in tokens of budget: the call
+            adds ``n * sum(budgets)`` in all (each sample's budget, before the context cap), a sample's tokens as they
+            are generated and the rest of its budget when it ends. So a bar whose total is its calls' budgets ends
+            exactly there, and its rate is steady: the time it shows left is an upper bound (a sample that stops
+            early jumps ahead), not an extrapolation from the first requests to finish (with continuous batching
+            they all finish near the end). vLLM updates it after every engine step; HF once, when its batch returns.
     Completions end at and include the first stop token; ``truncated`` = the budget ran out first.
     Raises ValueError when a prompt leaves no room in the context.
     """
@@ -343,17 +351,23 @@ def generate(engine: Engine, prompts: list[list[int]], *, n: int = 1, seeds: int
     if min(room) < 1:
         longest = max(map(len, prompts))
         raise ValueError(f"a prompt of {longest} tokens fills the model's context ({engine.max_model_len} tokens)")
-    budgets = [min(b, r) for b, r in zip(budgets or [max_new_tokens] * len(prompts), room)]
+    asked = budgets or [max_new_tokens] * len(prompts)
+    budgets = [min(b, r) for b, r in zip(asked, room)]
     sample = _generate_vllm if engine.backend == "vllm" else _generate_hf_engine
-    return sample(engine, prompts, n, seeds, budgets, temperature, top_p, top_k, logprobs)
+    groups = sample(engine, prompts, n, seeds, budgets, temperature, top_p, top_k, logprobs, progress)
+    if progress is not None and sum(asked) > sum(budgets):  # the samplers counted the capped budgets; the rest is
+        progress.update(n * (sum(asked) - sum(budgets)))       # cut off by the context: spent too
+    return groups
 
 
-def _generate_hf_engine(engine, prompts, n, seeds, budgets, temperature, top_p, top_k, _logprobs):
+def _generate_hf_engine(engine, prompts, n, seeds, budgets, temperature, top_p, top_k, _logprobs, progress):
     flat = [p for p in prompts for _ in range(n)]
     steps = min(max(budgets), engine.max_model_len - max(map(len, prompts)))
     rollouts = generate_hf(engine.model, engine.tokenizer, flat, max_new_tokens=steps, temperature=temperature,
                            top_p=top_p, top_k=top_k, seed=seeds if isinstance(seeds, int) else seeds[0],
                            batch_size=len(flat), eos_ids=engine.stop_ids)
+    if progress is not None:
+        progress.update(n * sum(budgets))
     return [[_cut(rollouts[i * n + j], budgets[i]) for j in range(n)] for i in range(len(prompts))]
 
 
@@ -361,7 +375,7 @@ def _cut(r: Rollout, budget: int) -> Rollout:
     return r if len(r.completion_ids) <= budget else Rollout(r.prompt_ids, r.completion_ids[:budget], truncated=True)
 
 
-def _generate_vllm(engine, prompts, n, seeds, budgets, temperature, top_p, top_k, logprobs):
+def _generate_vllm(engine, prompts, n, seeds, budgets, temperature, top_p, top_k, logprobs, progress):
     from vllm import SamplingParams
 
     _wake(engine, "weights", "kv_cache")
@@ -377,8 +391,7 @@ def _generate_vllm(engine, prompts, n, seeds, budgets, temperature, top_p, top_k
                              stop_token_ids=engine.stop_ids, logprobs=0 if logprobs else None, detokenize=False,
                              extra_args=extra)
               for b, s in zip(budgets, seeds)]
-    outs = engine.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False,
-                               lora_request=engine.lora)
+    outs = _run_requests(engine.llm, [{"prompt_token_ids": list(p)} for p in prompts], params, engine.lora, progress)
     groups = []
     for p, o in zip(prompts, outs):
         group = []
@@ -387,6 +400,36 @@ def _generate_vllm(engine, prompts, n, seeds, budgets, temperature, top_p, top_k
             group.append(Rollout(list(p), list(c.token_ids), truncated=c.finish_reason == "length", logprobs=lp))
         groups.append(group)
     return groups
+
+
+def _run_requests(llm, prompts: list[dict], params: list, lora=None, progress=None) -> list:
+    """``llm.generate(prompts, params, lora_request=lora)`` (its own bar off); with ``progress``, the same engine loop
+    run here, adding after every step the token budget used up so far (see ``generate``). Outputs in prompt order."""
+    if progress is None:
+        return llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
+    llm.enqueue(prompts, params, lora_request=lora, use_tqdm=False)
+    total, shown, outs = sum(p.n * p.max_tokens for p in params), 0, []
+    while llm.llm_engine.has_unfinished_requests():
+        outs += [out for out in llm.llm_engine.step() if out.finished]
+        left = _budget_left(llm)
+        done = 0 if left is None else total - left
+        if done > shown:
+            progress.update(done - shown)
+            shown = done
+    if total > shown:
+        progress.update(total - shown)
+    return sorted(outs, key=lambda o: int(o.request_id))  # request ids count up in submission order
+
+
+def _budget_left(llm) -> int | None:
+    """Tokens of budget the engine's unfinished samples have not generated yet (each sample, n > 1 included, is one
+    entry of vLLM's output processor; queued ones count whole). Reads vLLM internals: if they move, None is
+    returned and the bar advances once, at the end of the call."""
+    try:
+        states = llm.llm_engine.output_processor.request_states.values()
+        return sum(max(s.max_tokens_param - s.detokenizer.num_output_tokens(), 0) for s in states)
+    except AttributeError:
+        return None
 
 
 def _wake(engine: Engine, *tags: str):

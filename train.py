@@ -36,7 +36,7 @@ import torch
 import loss as L
 import rollout as R
 from data import (DEFAULT_DATASET, arg, check_output_dir, clear_output_dir, fail, load_problems, load_tokenizer,
-                  parse_config, read_jsonl, resolve_dtype)
+                  parse_config, quiet_logs, read_jsonl, resolve_dtype)
 from teacher import completion_hidden_states, lm_head_weight, render_problems, teacher_mode
 
 PROG = "train.py"
@@ -50,7 +50,7 @@ RUN_FILES = ("metrics.jsonl", "checkpoint-*", "pw-opsd", "eval")
 # it is split). Every other argument defines the run (data order, samples, loss, model, optimiser) and must
 # match the checkpoint's.
 MAY_CHANGE_ON_RESUME = ("max_steps", "save_steps", "output_dir", "resume_from_checkpoint", "overwrite_output_dir",
-                        "config", "report_to", "per_device_train_batch_size", "gradient_checkpointing",
+                        "config", "report_to", "verbose", "per_device_train_batch_size", "gradient_checkpointing",
                         "loss_impl", "loss_chunk_size", "gpu_memory_utilization", "kv_cache_gib", "trust_remote_code",
                         # evaluation during training reads the policy, it does not change it
                         "eval_steps", "eval_benchmarks", "eval_n", "eval_limit", "eval_temperature", "eval_top_p",
@@ -160,6 +160,8 @@ class Args:
     overwrite_output_dir: bool = arg(False, "clear the run already in --output_dir (metrics.jsonl, checkpoint-*) "
                                             "instead of refusing")
     report_to: str = arg("none", "experiment tracker", choices=REPORTERS)
+    verbose: bool = arg(False, "also show the libraries' logs and warnings (vLLM, transformers, DeepSpeed, ...); by "
+                               "default only their errors (a VLLM_LOGGING_LEVEL you set always applies)")
     config: str | None = arg(None, "YAML file of these flags (flags override it)")
 
 
@@ -416,7 +418,9 @@ def build_prompts(args: Args, accelerator):
                                  solution_field=args.solution_field, answer_field=args.answer_field)
     except (FileNotFoundError, KeyError, ValueError) as e:  # bad local file / missing field
         fail(PROG, str(e).strip("'\""))
-    except (ConnectionError, OSError) as e:  # Hub unreachable: say so in one line
+    except ConnectionError as e:  # Hub unreachable: data.load_problems' line names it and what to use instead
+        fail(PROG, f"--dataset {args.dataset}: {e}")
+    except OSError as e:
         fail(PROG, f"--dataset {args.dataset}: cannot load ({str(e).splitlines()[0]}). Offline? Try --config configs/demo.yaml")
     tok, model_path = load_tokenizer(args.model, hint=". Offline? Try --config configs/demo.yaml",
                                      trust_remote_code=args.trust_remote_code)
@@ -552,10 +556,15 @@ def sample_rollouts(run: Run, batch: list[dict], step: int) -> list[R.Rollout]:
     args = run.args
     if run.loss_name in L.REFERENCE_TARGETS:  # sft: the reference solutions are the completions; nothing is sampled
         return [R.Rollout(b["student_ids"], b["reference_ids"], truncated=False) for b in batch]
+    from tqdm.auto import tqdm
+
     seed = args.seed * 1_000_003 + step * 1009 + run.accelerator.process_index
-    groups = R.generate(run.engine, [b["student_ids"] for b in batch], n=args.num_generations, seeds=seed,
-                        max_new_tokens=args.max_new_tokens, temperature=args.rollout_temperature, top_p=args.top_p,
-                        top_k=args.top_k)
+    with tqdm(total=len(batch) * args.num_generations * args.max_new_tokens, desc="rollouts (token budget)", unit="tok",
+              unit_scale=True, leave=False, smoothing=0, disable=not run.accelerator.is_main_process,
+              dynamic_ncols=True) as bar:  # advances as tokens are generated (rollout.generate)
+        groups = R.generate(run.engine, [b["student_ids"] for b in batch], n=args.num_generations, seeds=seed,
+                            max_new_tokens=args.max_new_tokens, temperature=args.rollout_temperature, top_p=args.top_p,
+                            top_k=args.top_k, progress=bar)
     R.sleep(run.engine)  # GPU: free the engine's KV cache and weights for the train pass (no-op on CPU)
     return [r for g in groups for r in g]
 
@@ -783,7 +792,10 @@ def evaluate_policy(run: Run, step: int) -> dict:
                 for p in problems[start:start + a.problems_per_call]:
                     done.update({(label, str(p["id"]), 0, j): None for j in range(a.n)})
             call += 1
-    E.generate_missing(run.engine, run.eval_benchmarks, done, a, Path(os.devnull), tqdm(disable=True))
+    to_draw = a.n * sum(map(len, run.eval_benchmarks.values())) - len(done)  # the samples this process draws
+    with tqdm(total=to_draw * a.max_new_tokens, desc=f"eval step {step} (token budget)", unit="tok", unit_scale=True,
+              leave=False, smoothing=0, disable=not acc.is_main_process, dynamic_ncols=True) as bar:
+        E.generate_missing(run.engine, run.eval_benchmarks, done, a, Path(os.devnull), bar)
     mine = {k: v for k, v in done.items() if v is not None}
     if acc.num_processes > 1:
         merged = {}
@@ -920,6 +932,8 @@ def main(argv=None, on_step=None):
     from tqdm.auto import tqdm
 
     args = parse_args(argv)
+    quiet_logs(args.verbose)
+    t0 = time.time()
     run = setup(args)
     bar = tqdm(range(run.start_step, args.max_steps), initial=run.start_step, total=args.max_steps,
                disable=not run.accelerator.is_main_process, desc="train")
@@ -957,7 +971,19 @@ def main(argv=None, on_step=None):
     if run.accelerator.is_main_process:
         for line in heldout_summary(args):  # what training did to held-out accuracy (--eval_steps)
             print(line)
+        print(run_summary(args, run.start_step, time.time() - t0))
     return args.output_dir
+
+
+def run_summary(args: Args, start_step: int, seconds: float) -> str:
+    """The last console line: the steps run, the wall time and what the output folder now holds."""
+    out = Path(args.output_dir)
+    ckpts = sorted((p.name for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()), key=lambda n: int(n[11:]))
+    files = ckpts + ["metrics.jsonl"] + [f"{name}/ ({what})" for name, what in (("eval", "evaluations"), ("pw-opsd", "tracker logs"))
+                                         if (out / name).is_dir()]
+    steps = f"steps {start_step + 1}-{args.max_steps}" if start_step < args.max_steps else f"no step after {start_step}"
+    took = f"{int(seconds // 60)} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.0f} s"
+    return f"[train] {steps} done in {took}; {out}: {', '.join(files)}"
 
 
 if __name__ == "__main__":

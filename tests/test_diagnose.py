@@ -62,7 +62,7 @@ def test_forcing_puts_the_alternative_at_position_t():
     prompt, spine, eos = [101, 102, 103], [7, 8, 9, 10, 2], 2
     seen = []
 
-    def fake_generate(prompts, budgets, n, seeds):
+    def fake_generate(prompts, budgets, n, seeds, progress=None):
         seen.append((prompts, budgets, n, seeds))
         return [[[50 + j, eos] for j in range(n)] for _ in prompts]
 
@@ -89,6 +89,17 @@ def test_forcing_puts_the_alternative_at_position_t():
         D.branch_prompt(prompt, spine, 5, 1)
 
 
+class _Progress:
+    """A progress bar that records its updates (and, with a vLLM engine, whether requests were still running)."""
+    def __init__(self, engine=None):
+        self.engine, self.updates, self.running = engine, [], []
+
+    def update(self, k):
+        self.updates.append(k)
+        if self.engine is not None:
+            self.running.append(self.engine.llm.llm_engine.has_unfinished_requests())
+
+
 class _Decode:
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(map(str, ids))
@@ -113,7 +124,9 @@ def test_forcing_reaches_every_hf_continuation_row(tiny_model_dir):
     gen = D.sampler(R.make_engine("hf", model=model, tokenizer=tok), args)
     prompt, spine = [1, 2, 3, 4], [40, 41, 42, 43, 44, 45]
     branches = [(0, 900), (3, 901), (5, 902)]
-    out = gen([D.branch_prompt(prompt, spine, i, a) for i, a in branches], [6, 2, 1], 2, [0, 1, 2])
+    bar = _Progress()
+    out = gen([D.branch_prompt(prompt, spine, i, a) for i, a in branches], [6, 2, 1], 2, [0, 1, 2], progress=bar)
+    assert bar.updates == [2 * (6 + 2 + 1)]  # HF: one batch, so one update: its samples' token budgets
     assert len(rows) == 6
     for r, (i, a) in zip(rows, [b for b in branches for _ in range(2)]):
         assert r == prompt + spine[:i] + [a]
@@ -311,12 +324,18 @@ def test_vllm_backend_budgets_and_per_request_seeds(tmp_path, smollm2_dir):
     tiny_model_dir = str(tmp_path)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     args = Namespace(rollout_temperature=1.0, top_p=1.0, top_k=0)
-    gen = D.sampler(R.make_engine("vllm", tiny_model_dir, dtype="float32", max_model_len=256, seed=0,
-                                  gpu_memory_utilization=0.3, kv_cache_gib=1.0), args)
+    engine = R.make_engine("vllm", tiny_model_dir, dtype="float32", max_model_len=256, seed=0,
+                           gpu_memory_utilization=0.3, kv_cache_gib=1.0)
+    gen = D.sampler(engine, args)
     a = gen([[1, 2, 3, 900], [1, 2, 901]], [6, 1], 2, [11, 12])
-    b = gen([[5, 6, 7], [1, 2, 3, 900]], [4, 6], 2, [13, 11])
+    bar = _Progress(engine)
+    b = gen([[5, 6, 7], [1, 2, 3, 900], [8, 9]], [4, 6, 40], 2, [13, 11, 14], progress=bar)
     assert [[len(c) for c in cs] for cs in a][1] == [1, 1] and all(1 <= len(c) <= 6 for c in a[0])
     assert a[0] == b[1] and a[0][0] != a[0][1]
+    # progress in tokens of budget, after every engine step while requests still run (not once per request at the
+    # end): every update positive, the last when nothing runs any more, 2 x (4 + 6 + 40) in all
+    assert sum(bar.updates) == 2 * (4 + 6 + 40) and min(bar.updates) > 0 and len(bar.updates) >= 10
+    assert bar.running[-1] is False and all(bar.running[:-1])
 
 
 # ---------------------------------------------------------------------------------------------- output folders
@@ -366,3 +385,34 @@ def test_overwrite_clears_the_old_run_only_after_the_inputs_load(tmp_path, tiny_
     spines = [json.loads(l) for l in (out / "spines.jsonl").read_text().splitlines()]
     assert len(spines) == 1 and spines[0]["problem_id"] == "demo-0-0"
     assert set(D.RUN_FILES) <= {p.name for p in out.iterdir()}
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def _rising_curve():
+    """60 positions over 10 problems whose viability rises from 0 (first frac bin) to 1 (last): the curve the old
+    legend (centre right) covered, with points on both edges of the axes."""
+    fracs = [(i + 0.5) / 60 for i in range(60)]
+    via = [min(1.0, max(0.0, (f - 1 / 6) * 1.5)) for f in fracs]
+    positions = _positions([v >= 0.5 for v in via], fracs, [1 - v for v in via], [f"p{i % 10}" for i in range(60)])
+    for p, v in zip(positions, via):
+        p["viability_top1"] = v
+    return D.summarize(positions, 50, 0, 1, 6), positions
+
+
+def test_plots_keep_legend_and_counts_off_the_data(tmp_path):
+    summary, positions = _rising_curve()
+    D.plot(summary, positions, tmp_path)
+    assert all((tmp_path / f).stat().st_size > 10_000 for f in ("roc.png", "viability_vs_position.png"))
+    for fig, n_labels in ((D.plot_viability(summary), 6), (D.plot_roc(summary, positions), 0)):
+        fig.canvas.draw()
+        r, ax = fig.canvas.get_renderer(), fig.axes[0]
+        frame = ax.get_window_extent(r)
+        data = [a.get_window_extent(r) for a in ax.lines + ax.collections]  # curves with their markers, the band
+        labels = [t.get_window_extent(r) for c in ax.child_axes for t in c.get_xticklabels() if t.get_text()]
+        legend = ax.get_legend().get_window_extent(r)
+        assert ax.get_xlim() == ax.get_ylim() == D.AXIS_RANGE
+        assert all(frame.x0 <= d.x0 and d.x1 <= frame.x1 and frame.y0 <= d.y0 and d.y1 <= frame.y1 for d in data)
+        assert not legend.overlaps(frame) and not any(legend.overlaps(d) for d in data)
+        assert len(labels) == n_labels and not any(b.overlaps(d) for b in labels for d in data + [legend])
+        D._pyplot().close(fig)
+    assert len(ax.lines) == 1 + len(D.ORIENTATION)  # the ROC plot (last) draws chance and every score

