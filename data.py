@@ -805,6 +805,17 @@ def clear_output_dir(path, run_files) -> list[str]:
     return sorted(gone)
 
 
+def start_output_dir(path, run_files, overwrite: bool, settings_file: str, settings: dict, prog: str, tag: str):
+    """Make the output folder, clear the script's ``run_files`` from it with ``--overwrite_output_dir`` (saying
+    what went), and record the run's ``settings`` (json) as ``settings_file`` in it. Call only once the inputs
+    have loaded: a run that failed on bad input leaves the folder as it was (evaluate.py, diagnose.py)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if overwrite and (gone := clear_output_dir(path, run_files)):
+        print(f"[{tag}] --overwrite_output_dir: deleted {', '.join(gone)} from {path}")
+    check_same_settings(path / settings_file, settings, prog, active=False)
+
+
 @dataclass
 class InspectArgs:
     dataset: str = arg("demo-arithmetic", "anything load_problems reads")

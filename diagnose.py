@@ -86,8 +86,8 @@ import torch
 import torch.nn.functional as F
 
 import rollout as R
-from data import (DTYPES, arg, check_output_dir, check_same_settings, clear_output_dir, fail, load_problems,
-                  load_tokenizer, parse_config, quiet_logs, read_jsonl, resolve_dtype)
+from data import (DTYPES, arg, check_output_dir, check_same_settings, fail, load_problems, load_tokenizer, parse_config, quiet_logs,
+                  read_jsonl, resolve_dtype, start_output_dir)
 from grading import stable_seed  # 31-bit seed from parts, the same in every process and run
 
 PROG = "diagnose.py"
@@ -686,14 +686,9 @@ def main(argv=None) -> dict:
     t_start, wall = time.time(), {}
     chosen, tok, model, path = load_inputs(args)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # only now (the inputs loaded): clear an old run if asked, record the experiment's flags -- a run that
-    # failed on bad input leaves the folder as it was
-    if args.overwrite_output_dir:
-        gone = clear_output_dir(out, RUN_FILES)
-        if gone:
-            print(f"[diagnose] --overwrite_output_dir: deleted {', '.join(gone)} from {out}")
-    check_same_settings(out / "config.json", {k: getattr(args, k) for k in EXPERIMENT_FLAGS}, PROG, active=False)
+    # only now (the inputs loaded): clear an old run if asked, record the experiment's flags
+    start_output_dir(out, RUN_FILES, args.overwrite_output_dir, "config.json", {k: getattr(args, k) for k in EXPERIMENT_FLAGS},
+                     PROG, "diagnose")
     stop_ids = R.stop_token_ids(tok, model.generation_config)
     generate = lazy_sampler(args, model, tok, path, chosen, wall)
     ids = {r["id"] for r in chosen}

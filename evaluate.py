@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import rollout as R
-from data import (DEMO_SOURCES, DTYPES, arg, check_output_dir, check_same_settings, clear_output_dir, fail as _fail, load_problems,
-                  load_tokenizer, parse_config, quiet_logs, read_jsonl, resolve_dtype, resolve_model)
+from data import (DEMO_SOURCES, DTYPES, arg, check_output_dir, check_same_settings, fail as _fail, load_problems,
+                  load_tokenizer, parse_config, quiet_logs, read_jsonl, resolve_dtype, resolve_model, start_output_dir)
 from grading import grade, majority_correct, stable_seed
 from rollout import INSTRUCTION, encode
 
@@ -519,12 +519,8 @@ def main(argv=None) -> dict:
     with contextlib.ExitStack() as scratch:  # deletes a temporary merged model at the end
         engine = build_sampler(a, scratch, backend, generate=have < len(keys)) if have < len(keys) or a.save_merged else None
         # Only now, with the inputs and the model loaded: clear an old run (--overwrite_output_dir), record the settings.
-        out.mkdir(parents=True, exist_ok=True)
-        if a.overwrite_output_dir:
-            gone = clear_output_dir(out, RUN_FILES)
-            if gone:
-                print(f"[eval] --overwrite_output_dir: deleted {', '.join(gone)} from {out}")
-        check_same_settings(out / "settings.json", {k: getattr(a, k) for k in GENERATION_SETTINGS}, PROG, active=False)
+        start_output_dir(out, RUN_FILES, a.overwrite_output_dir, "settings.json", {k: getattr(a, k) for k in GENERATION_SETTINGS},
+                         PROG, "eval")
         # 3. Generate and grade what is missing.
         if engine is not None:
             # in tokens of budget, so that the time left is an honest bound (see rollout.generate); smoothing 0: the
