@@ -760,6 +760,11 @@ def check_same_settings(path, now: dict, prog: str, *, active: bool = True,
 # another run's files is never mixed into -- it is continued (a resume, whose settings must match), refused,
 # or, with --overwrite_output_dir true, cleared of that script's own files (nothing else) once every check
 # has passed and the inputs have loaded.
+# The files that mark a folder as holding a run of each script (its other files may have common names).
+RUN_MARKERS = {"train.py": ("metrics.jsonl", "checkpoint-*"), "evaluate.py": ("samples.jsonl",),
+               "diagnose.py": ("spines.jsonl", "branches.jsonl")}
+
+
 def check_output_dir(path, prog: str, run_files=(), flag: str = "--output_dir") -> list[str]:
     """Check that ``path`` can be the script's output folder; creates nothing (a probe file is written and
     removed in the folder, or in the nearest existing parent).
@@ -770,8 +775,9 @@ def check_output_dir(path, prog: str, run_files=(), flag: str = "--output_dir") 
     Returns:
         the sorted names of the entries of ``path`` that match ``run_files`` (``[]``: no earlier run).
     Raises:
-        SystemExit: one line when ``path`` (or a parent) is an existing file, or the folder (or the nearest
-        existing parent, where it would be made) cannot be written.
+        SystemExit: one line when ``path`` (or a parent) is an existing file, the folder (or the nearest
+        existing parent, where it would be made) cannot be written, or it holds another script's run
+        (``RUN_MARKERS``; ``--overwrite_output_dir`` does not clear another script's files).
     """
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
@@ -791,6 +797,10 @@ def check_output_dir(path, prog: str, run_files=(), flag: str = "--output_dir") 
         fail(prog, f"{flag} {path}: {probe} is not writable ({e.strerror or type(e).__name__})")
     if not path.is_dir():
         return []
+    for script, markers in RUN_MARKERS.items():  # one folder, one script's run: never mix train / evaluate / diagnose
+        found = sorted({p.name for pattern in markers for p in path.glob(pattern)})
+        if prog in RUN_MARKERS and script != prog and found and flag == "--output_dir":
+            fail(prog, f"{flag} {path} holds a {script} run ({', '.join(found)}); use another --output_dir")
     return sorted({p.name for pattern in run_files for p in path.glob(pattern)})
 
 

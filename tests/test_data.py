@@ -305,3 +305,18 @@ def test_check_output_dir_lists_an_earlier_run_and_clear_deletes_only_it(tmp_pat
     assert clear_output_dir(tmp_path, patterns) == ["checkpoint-10.tmp", "checkpoint-5", "metrics.jsonl"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     assert clear_output_dir(tmp_path / "absent", patterns) == []
+
+
+def test_a_folder_holding_another_scripts_run_is_refused(tmp_path):
+    from data import check_output_dir
+
+    (tmp_path / "metrics.jsonl").write_text("{}\n")  # a training run
+    (tmp_path / "summary.json").write_text("{}\n")
+    with pytest.raises(SystemExit) as e:
+        check_output_dir(tmp_path, "evaluate.py", ("samples.jsonl", "settings.json", "summary.json"))
+    assert str(e.value) == f"evaluate.py: --output_dir {tmp_path} holds a train.py run (metrics.jsonl); use another --output_dir"
+    assert check_output_dir(tmp_path, "train.py", ("metrics.jsonl", "checkpoint-*")) == ["metrics.jsonl"]  # its own
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "spines.jsonl").write_text("")  # a diagnose run: evaluate must not replace its summary.json
+    with pytest.raises(SystemExit, match="holds a diagnose.py run"):
+        check_output_dir(tmp_path, "evaluate.py", ("samples.jsonl", "settings.json", "summary.json"))
