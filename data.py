@@ -537,7 +537,12 @@ def _read_config(path: str, specs: dict, prog: str) -> dict:
 
     if not os.path.isfile(path):
         fail(prog, f"--config: no such file {path}")
-    cfg = yaml.safe_load(open(path)) or {}
+    try:
+        cfg = yaml.safe_load(open(path)) or {}
+    except yaml.YAMLError as e:  # one line with the place, not the parser's traceback
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        fail(prog, f"--config {path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}")
     if not isinstance(cfg, dict):
         fail(prog, f"{path}: expected lines of `flag: value`")
     unknown = sorted(set(cfg) - set(specs))

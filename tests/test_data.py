@@ -320,3 +320,10 @@ def test_a_folder_holding_another_scripts_run_is_refused(tmp_path):
     (tmp_path / "spines.jsonl").write_text("")  # a diagnose run: evaluate must not replace its summary.json
     with pytest.raises(SystemExit, match="holds a diagnose.py run"):
         check_output_dir(tmp_path, "evaluate.py", ("samples.jsonl", "settings.json", "summary.json"))
+
+
+def test_a_config_that_is_not_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_steps: [3\n")
+    message = _error(["--config", str(bad)])
+    assert message.startswith(f"x.py: --config {bad}: not valid YAML (line 2, column 1)") and "\n" not in message
