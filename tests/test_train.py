@@ -235,8 +235,8 @@ def test_heldout_summary_compares_first_and_last_evaluation(tmp_path):
     rows = [{"step": 0, "eval/demo-arithmetic-test/avg@1": 0.435, "eval/mean/avg@1": 0.435, "eval_s": 1.0},
             {"step": 1, "loss": 0.01},
             {"step": 5, "eval/demo-arithmetic-test/avg@1": 0.495, "eval/mean/avg@1": 0.495, "eval_s": 1.0}]
-    args = train.parse_args(["--output_dir", str(tmp_path), "--eval_steps", "5", "--eval_n", "1",
-                             "--eval_temperature", "0", "--eval_limit", "200"])
+    args = train.parse_args(["--output_dir", str(tmp_path), "--eval_steps", "5", "--eval_n", "1", "--eval_temperature", "0",
+                             "--eval_limit", "200", "--eval_benchmarks", "demo-arithmetic-test"])
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert train.heldout_summary(args) == ["held-out accuracy (demo-arithmetic-test, 200 problems, greedy): "
                                            "before 0.435 (step 0) -> after 0.495 (step 5)"]
