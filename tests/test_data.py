@@ -272,6 +272,9 @@ def test_check_output_dir_refuses_files_and_unwritable_folders(tmp_path, monkeyp
     assert _out_error(f) == f"x.py: --output_dir {f}: is a file, not a folder"
     assert _out_error(f / "sub" / "dir") == f"x.py: --output_dir {f / 'sub' / 'dir'}: {f} is a file, not a folder"
     assert "--save_merged" in _out_error(f, flag="--save_merged")
+    # empty (Path("") would be the current folder: the run would land in the repository root)
+    assert _out_error("") == "x.py: --output_dir is empty: name a folder (e.g. --output_dir outputs/run1)"
+    assert _out_error("  ", flag="--save_merged").startswith("x.py: --save_merged is empty")
     # a new folder below an existing one is fine and is not made here
     assert check_output_dir(tmp_path / "new" / "deeper", "x.py") == [] and not (tmp_path / "new").exists()
     assert os.listdir(tmp_path) == ["a_file"]  # the write probe left nothing behind

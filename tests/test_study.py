@@ -193,17 +193,25 @@ def test_mini_repro_quick_runs_and_reports(tiny_model_dir, tmp_path):
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
-    assert set(s["summary"]) == {"base", "sft", "opsd"}
+    warm = "warm start (start of the distillation rows)"
+    assert list(s["summary"]) == ["base", "sft", warm, "opsd"]
     assert s["curves"]["opsd"][0].keys() == {"0", "1", "2"}  # --quick: 2 steps, evaluated at every step
     lines = [json.loads(l) for l in open(log)]
-    assert [(l["name"], l["seed"]) for l in lines] == [("sft", 0), ("opsd", 0)]
-    assert all(0 <= l["before"] <= 1 and 0 <= l["after"] <= 1 and len(l["loss"]) == 2 for l in lines)
+    evals = [l for l in lines if l["name"].startswith("eval:")]
+    runs = [l for l in lines if not l["name"].startswith("eval:")]
+    # One start-model evaluation (--base = --model here), before the runs; the runs (2 at a time) in any order.
+    assert [l["name"] for l in evals] == [f"eval:{tiny_model_dir}"] and lines[0] is evals[0]
+    assert sorted((l["name"], l["seed"]) for l in runs) == [("opsd", 0), ("sft", 0)]
+    assert all(0 <= l["before"] <= 1 and 0 <= l["after"] <= 1 and len(l["loss"]) == 2 for l in runs)
+    # Step 0 of both runs is that evaluation's student-prompt result, not a second measurement.
+    assert {l["before"] for l in runs} == {evals[0]["student_prompt"]} == {s["summary"]["base"]["mean"]}
     table = (out / "table.md").read_text()
-    assert table.count("\n") == 5 and "| opsd | 1 |" in table  # header, rule, base, sft, opsd
+    assert table.count("\n") == 8 and "| opsd | 1 |" in table  # header, rule, base, sft, warm start, opsd, blank, teacher
+    assert "privileged teacher prompt" in table and f"base {evals[0]['teacher_prompt']:.3f}" in table
     assert (out / "accuracy_vs_step.png").stat().st_size > 1000
-    # A rerun reuses the finished runs: nothing is trained or logged again.
+    # A rerun reuses the finished runs and the start model's evaluation: nothing is trained or logged again.
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0 and len(open(log).readlines()) == 2
+    assert p.returncode == 0 and len(open(log).readlines()) == 3
 
 
 def test_train_routes_clip_mode_total(tiny_model_dir, tmp_path):

@@ -59,8 +59,9 @@ def test_resume_gives_the_same_losses(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--method", "nope"], "--method: unknown 'nope'"),
-    (["--batch_size", "6", "--per_device_train_batch_size", "4"], "--batch_size 6 is not divisible"),
-    (["--dataset", "missing.jsonl"], "missing.jsonl: no such file"),
+    (["--batch_size", "6", "--per_device_train_batch_size", "4"],
+     "--batch_size 6 is not divisible by --per_device_train_batch_size x processes = 4 x 1"),
+    (["--dataset", "missing.jsonl"], "train.py: --dataset missing.jsonl: no such file"),
     (["--resume_from_checkpoint", "/nonexistent"], "--resume_from_checkpoint: no such folder"),
     (["--max_stesp", "2"], "train.py: unknown flag --max_stesp (did you mean --max_steps?)"),
     (["--temp", "0.7"], "unknown flag --temp"),  # no abbreviations: --temp is not --temperature
