@@ -330,9 +330,9 @@ def budget_bar(total: int, desc: str, *, initial: int = 0, leave: bool = True, d
     """The progress bar every stage shows while it samples: a tqdm over ``total`` tokens of budget (``n x
     max_new_tokens`` per prompt; ``generate(progress=)`` advances it as tokens come, a sample that stops early adds
     the rest of its budget), so its time left is an upper bound. smoothing 0: the rate is the average so far."""
-    from tqdm.auto import tqdm
+    import tqdm  # looked up at call time (tests record the bar by patching tqdm.tqdm)
 
-    return tqdm(total=total, initial=initial, desc=f"{desc} (token budget)", unit="tok", unit_scale=True, leave=leave,
+    return tqdm.tqdm(total=total, initial=initial, desc=f"{desc} (token budget)", unit="tok", unit_scale=True, leave=leave,
                 smoothing=0, disable=disable, dynamic_ncols=True)
 
 

@@ -817,7 +817,8 @@ def evaluate_policy(run: Run, step: int) -> dict:
 
 
 def log_eval(run: Run, row: dict, bar):
-    """Console line and ``metrics.jsonl`` (main process), and the tracker, of an ``evaluate_policy`` row."""
+    """Console line (``bar.write``: the train bar, or the tqdm class before the bar exists), ``metrics.jsonl``
+    (main process) and the tracker, of an ``evaluate_policy`` row."""
     if run.accelerator.is_main_process:
         n = run.args.eval_n
         parts = [f"{label} avg@{n} {row[f'eval/{label}/avg@{n}']:.3f} pass@{n} {row[f'eval/{label}/pass@{n}']:.3f}"
@@ -936,12 +937,13 @@ def main(argv=None, on_step=None):
     quiet_logs(args.verbose)
     t0 = time.time()
     run = setup(args)
-    bar = tqdm(range(run.start_step, args.max_steps), initial=run.start_step, total=args.max_steps,
-               disable=not run.accelerator.is_main_process, desc="train")
     if args.eval_steps and run.start_step == 0:  # the step-0 value: the initial policy
-        log_eval(run, evaluate_policy(run, 0), bar)
+        log_eval(run, evaluate_policy(run, 0), tqdm)  # (tqdm.write: no bar yet)
     if on_step is not None:
         on_step(run, run.start_step)
+    # Made after the step-0 evaluation, so that its time left counts training steps, not that evaluation.
+    bar = tqdm(range(run.start_step, args.max_steps), initial=run.start_step, total=args.max_steps,
+               disable=not run.accelerator.is_main_process, desc="train")
     for step in bar:
         times = {"start": time.time()}
         # 1. This process's prompts (disjoint across processes; a function of (seed, step) only).

@@ -381,25 +381,32 @@ def study_table(lines: list[dict]) -> str:
 
 
 def plot(curves: dict, path: Path):
-    """One PNG: held-out accuracy vs optimizer step, mean over seeds (band = min-max), a line per method."""
+    """One PNG of held-out accuracy vs optimizer step, mean over seeds (band = min-max), a line per method: the
+    sft rows from the base model on the left, the distillation rows from the warm start on the right (their
+    step counts differ ~10x, so one axis would squash the distillation lines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=110)
-    for name, per_seed in curves.items():
-        steps = sorted({int(s) for c in per_seed for s in c})
-        vals = np.array([[c.get(str(s), np.nan) for s in steps] for c in per_seed])
-        mean = np.nanmean(vals, 0)
-        ax.plot(steps, mean, marker="o", ms=3, label=name)
-        if len(per_seed) > 1:
-            ax.fill_between(steps, np.nanmin(vals, 0), np.nanmax(vals, 0), alpha=0.15)
-    ax.set_xlabel("optimizer step (sft: from the base model; others: from the warm start)")
-    ax.set_ylabel("held-out greedy accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = [("sft: LoRA SFT from the base model", [n for n in curves if n in ("base", "sft")]),
+              ("distillation from the warm start", [n for n in curves if n not in ("base", "sft")])]
+    panels = [(t, names) for t, names in panels if names]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), dpi=110, sharey=True, squeeze=False)
+    for ax, (title, names) in zip(axes[0], panels):
+        for name in names:
+            per_seed = curves[name]
+            steps = sorted({int(s) for c in per_seed for s in c})
+            vals = np.array([[c.get(str(s), np.nan) for s in steps] for c in per_seed])
+            ax.plot(steps, np.nanmean(vals, 0), marker="o", ms=3, label=f"{name} ({len(per_seed)} seed(s))")
+            if len(per_seed) > 1:
+                ax.fill_between(steps, np.nanmin(vals, 0), np.nanmax(vals, 0), alpha=0.15)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("held-out greedy accuracy")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
