@@ -173,13 +173,7 @@ def run_one(name: str, seed: int, config: str, flags: list[str], a, eval_steps: 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     print(f"[mini_repro] {name} seed {seed}: python train.py {' '.join(argv)}", flush=True)
     t0 = time.time()
-    log_path = out / "train" / f"{name}-s{seed}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        p = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=job_env(a))
-    if p.returncode != 0:
-        tail = "\n".join(log_path.read_text().splitlines()[-20:])
-        raise SystemExit(f"[mini_repro] {name} seed {seed} failed (log {log_path}):\n{tail}")
+    finish(*spawn(cmd, out / "train" / f"{name}-s{seed}.log", a), f"{name} seed {seed}")
     res = json.loads(result.read_text())
     curve = res["curve"]
     line = {"date": time.strftime("%Y-%m-%d %H:%M"), "name": name, "seed": seed,
@@ -191,6 +185,20 @@ def run_one(name: str, seed: int, config: str, flags: list[str], a, eval_steps: 
     append_log(a, line)
     print(f"[mini_repro] {name} seed {seed}: held-out {line['before']} -> {line['after']} ({line['wall_s']} s)", flush=True)
     return res
+
+
+def spawn(cmd: list[str], log: Path, a) -> tuple[subprocess.Popen, Path]:
+    """Start ``cmd`` (one of this script's own subprocesses) with its output in ``log`` and its share of the cores."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=job_env(a)), log
+
+
+def finish(proc: subprocess.Popen, log: Path, what: str):
+    """Wait for a ``spawn``ed process; a failure stops the comparison with the end of its log."""
+    if proc.wait() != 0:
+        tail = "\n".join(log.read_text().splitlines()[-20:])
+        raise SystemExit(f"[mini_repro] {what} failed (log {log}):\n{tail}")
 
 
 def job_env(a) -> dict:
@@ -226,15 +234,10 @@ def evaluate_start_models(a, gsm8k_ok: bool):
                "--max_new_tokens", str(a.max_new_tokens), "--gsm8k", a.gsm8k,
                "--gsm8k_limit", str(a.gsm8k_limit if gsm8k_ok else 0), "--output_dir", a.output_dir,
                "--log", a.log or "", "--jobs", str(a.jobs)] + (["--rollout_backend", a.rollout_backend] if a.rollout_backend else [])
-        log = Path(a.output_dir) / "train" / f"eval-{eval_file(a, m).name.split('.')[0]}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
         print(f"[mini_repro] start model {m}: held-out (student and teacher prompt){' and GSM8K' if gsm8k_ok else ''}", flush=True)
-        with open(log, "w") as f:
-            procs.append((m, log, subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=job_env(a))))
-    for m, log, proc in procs:
-        if proc.wait() != 0:
-            tail = "\n".join(log.read_text().splitlines()[-20:])
-            raise SystemExit(f"[mini_repro] evaluating {m} failed (log {log}):\n{tail}")
+        procs.append((m, spawn(cmd, Path(a.output_dir) / "train" / f"eval-{eval_file(a, m).name.split('.')[0]}.log", a)))
+    for m, (proc, log) in procs:
+        finish(proc, log, f"evaluating {m}")
 
 
 def start_row(a, model: str) -> dict | None:
@@ -289,7 +292,7 @@ def eval_only(a):
         cache = before_cache(a, name, source)  # the student-prompt result is every run's step 0 from this model
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(res["student"]))
-        cache.with_suffix(".eval.json").write_text(json.dumps({**res, "gsm8k": gsm8k}))
+        eval_file(a, name, source).write_text(json.dumps({**res, "gsm8k": gsm8k}))
         line = {"date": time.strftime("%Y-%m-%d %H:%M"), "name": f"eval:{name}", "heldout": a.heldout, "source": source,
                 "max_new_tokens": a.max_new_tokens, "student_prompt": out[name]["student"],
                 "teacher_prompt": out[name]["teacher"], "gsm8k": None if gsm8k is None else sum(gsm8k) / len(gsm8k),
@@ -444,8 +447,8 @@ def table_rows(a, done: dict) -> tuple[dict, dict]:
             if base:
                 rows["base"] = [base]
                 curves["base"] = [{"0": sum(base["final_correct"]) / len(base["final_correct"])}]
-        elif WARM_ROW not in rows and start_row(a, a.model):
-            rows[WARM_ROW] = [start_row(a, a.model)]
+        elif WARM_ROW not in rows and (warm := start_row(a, a.model)):
+            rows[WARM_ROW] = [warm]
         if results:
             rows[row] = results
             curves[row] = [r["curve"] for r in results]
