@@ -167,8 +167,9 @@ def run_one(name: str, seed: int, config: str, flags: list[str], a, eval_steps: 
                 __import__("yaml").safe_load(open(ROOT / config))["max_steps"])
     start = next(argv[i + 1] for i in range(len(argv) - 1, -1, -1) if argv[i] == "--model") if "--model" in argv else \
         __import__("yaml").safe_load(open(ROOT / config))["model"]
-    spec = {"name": name, "argv": argv, "before_cache": str(before_cache(a, start, heldout_source(argv, config))), "eval_steps": sorted({0, steps, *eval_steps}), "heldout": a.heldout,
-            "heldout_source": heldout_source(argv, config), "max_new_tokens": a.max_new_tokens, "result": str(result),
+    source = heldout_source(argv, config)
+    spec = {"name": name, "argv": argv, "before_cache": str(before_cache(a, start, source)), "eval_steps": sorted({0, steps, *eval_steps}),
+            "heldout": a.heldout, "heldout_source": source, "max_new_tokens": a.max_new_tokens, "result": str(result),
             "gsm8k": a.gsm8k if gsm8k else None, "gsm8k_limit": a.gsm8k_limit}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     print(f"[mini_repro] {name} seed {seed}: python train.py {' '.join(argv)}", flush=True)
