@@ -491,6 +491,8 @@ def main(argv=None):
                 done[row, seed] = json.loads(f.read_text())
             else:
                 missing.append(f"{row} seed {seed}")
+        if not done:
+            raise SystemExit(f"mini_repro.py: --report_only: no finished runs in {Path(a.output_dir) / 'runs'}")
     else:
         evaluate_start_models(a, gsm8k_ok)
         print(f"[mini_repro] {len(plan)} training runs, {a.jobs} at a time; logs in {Path(a.output_dir) / 'train'}",
