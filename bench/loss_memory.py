@@ -6,10 +6,10 @@
 (a) naive:     full log-softmax of student and teacher logits [N, V], point-wise KL, clamp, sum over V
                -- the pattern of a straightforward implementation;
 (b) reference: loss.clipped_forward_kl on full logits (the readable spec in loss.py);
-(c) chunked:   loss.chunked_clipped_fkl on hidden states, --chunk tokens at a time;
+(c) chunked:   pwopsd.fused.chunked_clipped_fkl on hidden states, --chunk tokens at a time;
 (d) jsd:       loss.clipped_generalized_jsd at --beta (default 0.5) on full logits (reference path only);
 (e) topk:      loss.clipped_topk_forward_kl, the teacher's top --top_k (default 20) + a tail bucket, on full logits;
-(f) jsd-chunked / topk-chunked: (d) / (e) through train.py's chunked path (loss.checkpointed_chunks, --chunk tokens).
+(f) jsd-chunked / topk-chunked: (d) / (e) through train.py's chunked path (pwopsd.fused.checkpointed_chunks, --chunk).
 
     python bench/loss_memory.py --N 128 --H 256 --impls reference chunked jsd topk   # a small-memory run
 
@@ -43,6 +43,7 @@ def worker(a):
     import torch
 
     import loss as L
+    from pwopsd import fused
 
     torch.manual_seed(0)
     dtype, dev = getattr(torch, a.dtype), torch.device(a.device)
@@ -65,7 +66,7 @@ def worker(a):
 
     fn = {"naive": naive,
           "reference": lambda: (coef * L.clipped_forward_kl(h_s @ W.T, h_t @ W.T, T, c)).sum(),
-          "chunked": lambda: L.chunked_clipped_fkl(h_s, h_t, W, W, coef, T, c, a.chunk)[0],
+          "chunked": lambda: fused.chunked_clipped_fkl(h_s, h_t, W, W, coef, T, c, a.chunk)[0],
           "jsd": lambda: (coef * L.clipped_generalized_jsd(h_s @ W.T, h_t @ W.T, T, c, a.beta)).sum(),
           "topk": lambda: (coef * L.clipped_topk_forward_kl(h_s @ W.T, h_t @ W.T, T, c, a.top_k)).sum(),
           # the same two through train.py's chunked path (activation-checkpointed chunks of --chunk tokens)

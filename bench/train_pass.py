@@ -49,6 +49,7 @@ def main():
         sys.exit("--min_len must be >= 1 and <= --max_new_tokens")
 
     import loss as L
+    from pwopsd.fused import chunked_clipped_fkl
     from data import load_problems, resolve_model
     from peft import LoraConfig, get_peft_model
     from rollout import encode, student_prompt
@@ -94,7 +95,7 @@ def main():
             with teacher_mode(model) as teacher:
                 h_t = completion_hidden_states(teacher, [it["teacher"] for it in mb], comps, tok.pad_token_id, packed=packed)
             h_s = completion_hidden_states(model, [it["student"] for it in mb], comps, tok.pad_token_id, packed=packed)
-            loss, _ = L.chunked_clipped_fkl(h_s, h_t, W, W, coef)
+            loss, _ = chunked_clipped_fkl(h_s, h_t, W, W, coef)
             loss.backward()
             step_loss += loss.item()
         return step_loss

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import loss as L
+from pwopsd import fused
 
 
 def direct_clipped_fkl(s_logits, t_logits, T, c):
@@ -127,7 +128,7 @@ def test_chunked_equals_reference(weighting, reduction, chunk, head_trainable):
     ref = _reference(h_s, h_t, W, W_t, coef, T, c)
     inputs = [h_s, W] if head_trainable else [h_s]
     g_ref = torch.autograd.grad(ref, inputs)
-    got, per_token = L.chunked_clipped_fkl(h_s, h_t, W, W_t, coef, T, c, chunk_size=chunk)
+    got, per_token = fused.chunked_clipped_fkl(h_s, h_t, W, W_t, coef, T, c, chunk_size=chunk)
     g_got = torch.autograd.grad(got, inputs)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(per_token, L.clipped_forward_kl(h_s @ W.T, h_t @ W_t.T, T, c).detach(), rtol=1e-5, atol=1e-7)
@@ -142,10 +143,41 @@ def test_chunked_bf16_close_to_fp32_reference():
     h_s, h_t, W = torch.randn(N, H), torch.randn(N, H), torch.randn(V, H) * 0.5
     coef = torch.full((N,), 1.0 / N)
     ref = _reference(h_s, h_t, W, W, coef, 1.1, 0.05)
-    got, _ = L.chunked_clipped_fkl(h_s.bfloat16(), h_t.bfloat16(), W.bfloat16(), W.bfloat16(), coef, 1.1, 0.05, 16)
+    got, _ = fused.chunked_clipped_fkl(h_s.bfloat16(), h_t.bfloat16(), W.bfloat16(), W.bfloat16(), coef, 1.1, 0.05, 16)
     assert abs(got.item() - ref.item()) <= 2e-2 * abs(ref.item())
 
 
 def test_chunked_rejects_bad_chunk_size():
     with pytest.raises(ValueError, match="--loss_chunk_size"):
-        L.chunked_clipped_fkl(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(5, 3), torch.zeros(5, 3), torch.ones(2), chunk_size=0)
+        fused.chunked_clipped_fkl(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(5, 3), torch.zeros(5, 3), torch.ones(2), chunk_size=0)
+
+
+# ---- the registry: the default path of step_loss is the fused clipped forward KL -------------------------
+def test_step_loss_default_path_is_the_registered_fast_path():
+    """step_loss("clipped_fkl", "chunked") with the point-wise clip calls FAST_PATHS' entry directly (one call below
+    step_loss): same value bit for bit, and equal to the readable clipped_forward_kl within float32 rounding."""
+    from types import SimpleNamespace
+    assert L.FAST_PATHS[("clipped_fkl", "chunked")] is fused.chunked_clipped_fkl
+    torch.manual_seed(5)
+    lengths = torch.tensor([4, 7])
+    N, H, V = 11, 8, 41
+    h_s, h_t, W = torch.randn(N, H, requires_grad=True), torch.randn(N, H), torch.randn(V, H)
+    coef = L.token_coefficients(lengths, L.position_weights(lengths), "sequence", float(N), 2.0)
+    ctx = L.LossContext(tokens=torch.zeros(N, dtype=torch.long), lengths=lengths, coef=coef, total_tokens=float(N),
+                        total_sequences=2.0, step=0)
+    args = SimpleNamespace(temperature=1.1, clip=0.05, loss_chunk_size=3, beta=0.0, teacher_top_k=0, clip_mode="pointwise")
+    got, stats = L.step_loss("clipped_fkl", "chunked", h_s, h_t, W, W, ctx, args)
+    fast, _ = fused.chunked_clipped_fkl(h_s, h_t, W, W, coef, 1.1, 0.05, 3)
+    assert stats == {} and torch.equal(got, fast)
+    torch.testing.assert_close(got, _reference(h_s, h_t, W, W, coef, 1.1, 0.05), rtol=1e-5, atol=1e-7)
+
+
+def test_fused_module_imports_no_stage_file():
+    """pwopsd/ is the support package: it never imports a top-level stage file (no import cycles)."""
+    import ast
+    import pathlib
+    stages = {"data", "rollout", "teacher", "loss", "train", "evaluate", "diagnose"}
+    tree = ast.parse((pathlib.Path(__file__).parents[1] / "pwopsd" / "fused.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & stages, imported & stages

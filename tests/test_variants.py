@@ -230,12 +230,12 @@ def uneven(*a, **k):
     return out
 R.generate_hf = uneven
 
-chunked = L.chunked_clipped_fkl  # record the per-token clipped forward KL l_t
+chunked = L.FAST_PATHS["clipped_fkl", "chunked"]  # record the per-token clipped forward KL l_t
 def recorded(*a, **k):
     loss, per_token = chunked(*a, **k)
     record["per_token"].append(per_token.tolist())
     return loss, per_token
-L.chunked_clipped_fkl = recorded
+L.FAST_PATHS["clipped_fkl", "chunked"] = recorded
 
 for out, argv in json.loads(sys.argv[2]):
     record = {"lengths": [], "per_token": []}
