@@ -172,6 +172,31 @@ def test_step_loss_default_path_is_the_registered_fast_path():
     torch.testing.assert_close(got, _reference(h_s, h_t, W, W, coef, 1.1, 0.05), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("mode", ["total", "scaled"])
+def test_step_loss_sends_other_clip_modes_through_the_reference_code(mode):
+    """The fused gradient is the point-wise clip's: --clip_mode total / scaled under --loss_impl chunked must give
+    the reference path's value and gradient (checkpointed chunks of clipped_forward_kl), not the fused one's."""
+    from types import SimpleNamespace
+    torch.manual_seed(6)
+    lengths = torch.tensor([5, 6])
+    N, H, V = 11, 8, 41
+    h_t, W = torch.randn(N, H) * 3, torch.randn(V, H)
+    coef = L.token_coefficients(lengths, L.uniform_weights(lengths), "token", float(N), 2.0)
+    ctx = L.LossContext(tokens=torch.zeros(N, dtype=torch.long), lengths=lengths, coef=coef, total_tokens=float(N),
+                        total_sequences=2.0, step=0)
+    args = SimpleNamespace(temperature=1.1, clip=0.05, loss_chunk_size=4, beta=0.0, teacher_top_k=0, clip_mode=mode)
+    out = {}
+    for impl in ("reference", "chunked"):
+        h_s = (torch.randn(N, H, generator=torch.Generator().manual_seed(7)) * 3).requires_grad_()
+        loss, _ = L.step_loss("clipped_fkl", impl, h_s, h_t, W, W, ctx, args)
+        out[impl] = (loss, torch.autograd.grad(loss, h_s)[0])
+    h_s = h_s.detach().requires_grad_()
+    g_pointwise = torch.autograd.grad(fused.chunked_clipped_fkl(h_s, h_t, W, W, coef, 1.1, 0.05, 4)[0], h_s)[0]
+    assert (out["reference"][1] - g_pointwise).abs().max() > 1e-4  # the modes' gradients differ here...
+    torch.testing.assert_close(out["chunked"][0], out["reference"][0], rtol=1e-6, atol=1e-7)  # ...and chunked follows
+    torch.testing.assert_close(out["chunked"][1], out["reference"][1], rtol=1e-5, atol=1e-7)
+
+
 def test_fused_module_imports_no_stage_file():
     """pwopsd/ is the support package: it never imports a top-level stage file (no import cycles)."""
     import ast
