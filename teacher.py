@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data import arg, parse_config
+from pwopsd.cli import arg, parse_config
 from rollout import encode, problem_message, render_chat, student_prompt
 
 # Between the problem and rollout.INSTRUCTION (the same boxed-answer sentence the student sees), see
@@ -171,9 +171,10 @@ class TeacherArgs:
 def main(argv=None):
     from transformers import AutoModelForCausalLM
 
-    from data import load_problems, load_tokenizer
+    from data import load_problems
     from loss import clipped_forward_kl
-    from rollout import generate_hf
+    from pwopsd.cli import load_tokenizer
+    from pwopsd.engine import generate_hf
 
     a = parse_config(TeacherArgs, argv, prog="teacher.py", description="Show the student/teacher prompts of a "
                      "problem and score one student rollout token by token (clipped forward KL).")
