@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from pwopsd.cli import arg, parse_config
+from pwopsd.engine import causal_lm, lm_head_weight  # the bare network / its lm_head inside wrappers
 from rollout import encode, problem_message, render_chat, student_prompt
 
 # Between the problem and rollout.INSTRUCTION (the same boxed-answer sentence the student sees), see
@@ -59,21 +60,6 @@ def render_problems(tokenizer, problems: list[dict], max_prompt_length: int, *, 
         if limit is not None and len(kept) == limit:
             break
     return kept, skipped
-
-
-# --------------------------------------------------------------------------------------------------
-# PLUMBING: reaching the network inside DDP / DeepSpeed / peft wrappers
-# --------------------------------------------------------------------------------------------------
-def causal_lm(model):
-    """The bare ``*ForCausalLM`` inside DDP / DeepSpeed / peft wrappers (LoRA layers stay injected)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def lm_head_weight(model) -> torch.Tensor:
-    """The output projection ``[V, H]`` (tied to the input embeddings for SmolLM2 / small Qwen3)."""
-    return causal_lm(model).get_output_embeddings().weight
 
 
 # ALGORITHM (continued): the teacher / student pass over the student's own tokens

