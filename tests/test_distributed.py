@@ -177,8 +177,6 @@ def test_weight_sync_tensors_equal_the_unsharded_model(one_process, sharded, pea
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    import rollout as R
-
     for name, run in steps_runs(one_process, sharded).items():
         adapter = os.path.join(run["checkpoint"], "adapter")
         plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(peaked_model_dir), adapter)

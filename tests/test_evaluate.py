@@ -434,7 +434,6 @@ def test_evaluating_an_adapter_writes_no_model_files_vllm(tiny_model_dir, tmp_pa
     """The vLLM path reads the merged model from disk: a temporary folder outside --output_dir, deleted after.
     (The engine is an HF one on that folder here; tests/test_vllm.py and test_vllm_backend_runs_and_resumes
     run the real one.)"""
-    import rollout as R
 
     if not engines.vllm_available():
         pytest.skip("vllm is not importable")
@@ -467,8 +466,6 @@ def test_lora_checkpoint_in_16_bit_merges_in_float32_or_is_served_unmerged(tiny_
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    import rollout as R
 
     ckpt = _adapter_checkpoint(tiny_model_dir, tmp_path / "checkpoint-3")
     exact = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),

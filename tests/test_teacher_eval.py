@@ -23,7 +23,6 @@ def tiny_peft(model_dir):
 
 
 def test_ema_adapter_is_the_base_at_start_then_follows_the_student(tiny_model_dir, tmp_path):
-    import train
     from teacher import teacher_mode
 
     model, lora = tiny_peft(tiny_model_dir)

@@ -255,8 +255,6 @@ def test_vllm_sync_auto_is_the_adapter_for_a_16_bit_lora_policy(tiny_model_dir, 
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    import rollout as R
     import train
 
     def model(dtype, lora=True):
