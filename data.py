@@ -72,7 +72,7 @@ def load_problems(source: str = DEFAULT_DATASET, split: str = "train", *, proble
       * nested answers: verl's ``reward_model.ground_truth`` (``extra_info.answer`` as a fallback);
         any dotted name can be forced, e.g. ``answer_field="extra_info.answer"``;
       * GSM8K's worked ``... #### N`` format in the answer or solution column.
-    When there is no answer field the answer is the last ``\\boxed{}`` of the solution (``data.last_boxed``).
+    When there is no answer field the answer is the last ``\\boxed{}`` of the solution (``pwopsd.grading.last_boxed``).
     Records with an empty problem (or an empty solution when required) are skipped and counted.
     """
     if source in DEMO_SOURCES:

@@ -11,7 +11,7 @@ samples, then over the problems; that is repeated for seeds 0, 1, 2 and reported
 Benchmarks: ``math500``, ``aime24``, ``aime25``, ``hmmt25`` (Hub) or any local ``.jsonl`` / ``.json`` /
 ``.parquet`` file (fields detected by ``data.load_problems``; GSM8K's ``#### N`` answers understood).
 
-Grading: ``grading.grade`` (the final ``\\boxed{}`` answer set, compared by math-verify; see grading.py).
+Grading: ``grading.grade`` (the final ``\\boxed{}`` answer set, compared by math-verify; see pwopsd/grading.py).
 
 Metrics, per benchmark and seed, from the n graded samples of each problem:
   * Avg@n  -- mean correctness over the samples, then over the problems;
@@ -241,7 +241,7 @@ def greedy_correct(engine: engines.Engine, problems: list[dict], *, max_new_toke
     """Held-out greedy accuracy, per problem: temperature 0, ``max_new_tokens`` new tokens, one sample each.
 
     Args:
-        engine: a ``rollout.make_engine`` sampler -- e.g. a training run's own (``train.Run.engine``), which
+        engine: a ``pwopsd.engine.make_engine`` sampler -- e.g. a training run's own (``train.Run.engine``), which
             holds the current policy.
         problems: records with ``problem`` and ``answer`` (``solution`` too for ``prompt="teacher"``).
         prompt: ``student`` -- the training student prompt (``rollout.student_prompt``, = ``eval_prompt``);

@@ -5,7 +5,7 @@ adapter the size of k optimizer steps, pushes it into a vLLM engine three ways, 
 compares the engine's log-probability of every sampled token with the trainer's (the peft model's forward in
 the bench's dtype, as train.py computes the student):
 
-  * merged  -- ``rollout.sync_weights`` with ``sync_mode`` "merged": W + (alpha/r) B A cast to the weights'
+  * merged  -- ``pwopsd.engine.sync_weights`` with ``sync_mode`` "merged": W + (alpha/r) B A cast to the weights'
                dtype (in bf16 most of a small update rounds away);
   * adapter -- ``sync_mode`` "adapter": the engine (vLLM's LoRA support) applies the adapter next to its
                frozen base, as peft does;

@@ -2,7 +2,7 @@
 backward, optimizer, weight sync -- with tokens/s, peak memory per phase and model FLOPs utilisation.
 
 It runs train.py's own functions (``setup``, ``step_batch``, ``sample_rollouts``, ``accumulate_gradients``,
-``optimizer_step``, ``rollout.sync_weights``) and only wraps them with timers, so it measures the real code
+``optimizer_step``, ``pwopsd.engine.sync_weights``) and only wraps them with timers, so it measures the real code
 path. The teacher pass is told apart from the student pass by timing train.py's ``teacher_mode`` blocks
 (the teacher forward runs inside one per micro-batch); everything else in ``accumulate_gradients`` is
 "student + loss + backward".

@@ -13,13 +13,13 @@ import warnings
 LIBRARY_LOGGERS = ("vllm", "transformers", "datasets", "huggingface_hub", "accelerate", "peft", "DeepSpeed", "torch")
 
 
-# vLLM's in-place weight reload (rollout.sync_weights, every optimizer step) ends with a WARNING
+# vLLM's in-place weight reload (engine.sync_weights, every optimizer step) ends with a WARNING
 # "<Layer>: Failed to load weights" for each layer that owns tensors the streamed checkpoint did not contain, and then
 # puts that layer's tensors back as they were. For these two layers that is right, so the line is a false alarm:
 #   * RotaryEmbedding -- its only tensor is the cos/sin cache, computed from the config at start-up; no checkpoint
 #     holds it and training never changes it;
 #   * ParallelLMHead of a model with tied embeddings (SmolLM2, Qwen3-4B) -- its weight is the embedding matrix itself
-#     (one tensor, which rollout.policy_weights yields once, as embed_tokens, and the reload does update).
+#     (one tensor, which engine.policy_weights yields once, as embed_tokens, and the reload does update).
 # An untied head is streamed by name (lm_head.weight) and never warns. tests/test_vllm.py checks that synced engines
 # sample what HF samples. Dropped always (also with --verbose); any other layer's line still shows.
 HARMLESS_RELOAD_WARNINGS = ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights")

@@ -153,7 +153,7 @@ def make_engine(backend: str, model_path: str | None = None, *, model=None, toke
             samples its live weights). vllm: only its dtype and generation config are read (the engine runs
             in the model's dtype, so synced weights are copied, not cast).
         tokenizer: the HF tokenizer (default: ``model_path``'s); vLLM loads the same files.
-        dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), a name of ``data.DTYPES`` or a torch dtype;
+        dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), a name of ``cli.DTYPES`` or a torch dtype;
             used when no ``model`` is given.
         max_model_len: prompt + completion tokens; default the model's own context length.
         seed: vLLM's engine seed (+ the process index with ``accelerator``); every request is seeded
@@ -196,7 +196,7 @@ def make_engine(backend: str, model_path: str | None = None, *, model=None, toke
     # Sampling comes from our SamplingParams alone: "vllm" = neutral defaults, no server-wide caps (e.g. a
     # max_new_tokens) taken from the checkpoint's generation_config.json. Its EOS ids are still read (stop ids).
     vllm_kwargs.setdefault("generation_config", "vllm")
-    # Its weight-loading bar is start-up chatter like its INFO lines: shown only when those are (data.quiet_logs).
+    # Its weight-loading bar is start-up chatter like its INFO lines: shown only when those are (console.quiet_logs).
     vllm_kwargs.setdefault("use_tqdm_on_load", os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper() in ("DEBUG", "INFO"))
     llm = LLM(model=model_path, tokenizer=tokenizer.name_or_path, tensor_parallel_size=1, seed=seed + rank,
               dtype=next(model.parameters()).dtype if model is not None else resolve_dtype(dtype),

@@ -168,7 +168,7 @@ def test_nested_answer_fallbacks_and_list_answers(tmp_path):
         {"problem": "Roots of x^2-8x+15?", "solution": "x = 3 or 5", "extra_info": {"answer": ["3", "5"]}},
         {"problem": "GSM-style?", "solution": "1 + 1 = 2", "extra_info": {"answer": "1 + 1 = <<1+1=2>>2\n#### 2"}}])
     assert [r["answer"] for r in load_problems(path)] == ["3, 5", "2"]
-# ---- the shared command line (data.parse_config) -----------------------------------------------------
+# ---- the shared command line (pwopsd.cli.parse_config) -----------------------------------------------------
 from dataclasses import dataclass  # noqa: E402
 
 from pwopsd.cli import arg, parse_config  # noqa: E402

@@ -170,8 +170,8 @@ def test_checkpoint_holds_the_adapter_and_resume_replays_step_2(one_process, sha
 
 
 def test_weight_sync_tensors_equal_the_unsharded_model(one_process, sharded, peaked_model_dir):
-    """The vLLM sync's tensors -- rollout.policy_weights (--vllm_sync merged: ZeRO-3 gathered / FSDP2 DTensors made
-    whole, LoRA merged) and rollout.adapter_tensors (--vllm_sync adapter) -- against the plain model + checkpoint-1's
+    """The vLLM sync's tensors -- pwopsd.engine.policy_weights (--vllm_sync merged: ZeRO-3 gathered / FSDP2 DTensors made
+    whole, LoRA merged) and pwopsd.engine.adapter_tensors (--vllm_sync adapter) -- against the plain model + checkpoint-1's
     adapter; every rank yields the same tensors."""
     from peft import PeftModel
     from safetensors.torch import load_file

@@ -1,4 +1,4 @@
-"""grading.py: the answer-extraction and equivalence table, each fault kind with its cases, Maj@n order
+"""pwopsd/grading.py: the answer-extraction and equivalence table, each fault kind with its cases, Maj@n order
 invariance, and the time limit from other threads and processes."""
 import itertools
 import multiprocessing
