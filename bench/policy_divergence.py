@@ -163,9 +163,11 @@ def sample(R, engine, prompts, a, max_new_tokens=None):
 def run_mode(R, mode: str, a, path, tok, model, prompts, signs) -> dict:
     """Rows ``{(mode, k, lr): result}`` of one sync mode, on its own engine; the merged (plain) engine also gives
     the stale rows: its samples on the base weights, scored by the trainer at every k."""
+    import pwopsd.engine as engines
+
     rank = a.lora_r if mode == "adapter" else None
     engine = engines.make_engine("vllm", path, model=model, tokenizer=tok, max_model_len=max(map(len, prompts)) + a.max_new_tokens,
-                           seed=a.seed, kv_cache_gib=a.kv_cache_gib, colocated=True, lora_rank=rank)
+                                 seed=a.seed, kv_cache_gib=a.kv_cache_gib, colocated=True, lora_rank=rank)
     rows = {}
     set_update(model, signs, *a.updates[-1])  # warm-up (first sync, first LoRA kernels), not timed
     engines.sync_weights(engine, model)

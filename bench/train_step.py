@@ -177,7 +177,7 @@ class Phases:
         self.current, self.t0 = name, time.perf_counter()
 
 
-def instrumented_step(train, R, run, step: int, phases: Phases | None = None) -> dict:
+def instrumented_step(train, engines, run, step: int, phases: Phases | None = None) -> dict:
     """One optimizer step exactly as ``train.main`` runs it (prompts, rollouts, passes + backward, optimizer,
     sync), timed per phase. Returns ``{"phases": Phases, "rollouts", "out", "grad_norm", "tokens": {...}}``."""
     phases = phases or Phases()
@@ -300,9 +300,9 @@ def main(argv=None) -> dict:
         warmup = a.warmup if a.warmup is not None else (1 if on_gpu else 0)
         for step in range(warmup):
             t = time.perf_counter()
-            instrumented_step(train, R, run, step)
+            instrumented_step(train, engines, run, step)
             print(f"[train_step] warm-up step {step}: {time.perf_counter() - t:.1f} s (not in the table)")
-        result = instrumented_step(train, R, run, warmup)
+        result = instrumented_step(train, engines, run, warmup)
         device = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} thread(s)"
         peak, note = peak_flops(a.peak_tflops)
         table = report(result, n_params, peak, note, device)
