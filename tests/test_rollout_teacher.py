@@ -3,6 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import pwopsd.engine as engines
 from pwopsd.engine import generate_hf
 from rollout import encode, student_prompt
 from teacher import completion_hidden_states, lm_head_weight, teacher_mode, teacher_prompt
@@ -105,7 +106,6 @@ def test_teacher_hidden_states_equal_separate_forwards(tiny_model_dir):
 # One prompt rule for every stage: the instruction exactly once
 # ---------------------------------------------------------------------------------------------------------
 from rollout import INSTRUCTION, problem_message  # noqa: E402
-import pwopsd.engine as engines
 
 _Q = "What is 2+3?"
 INSTRUCTION_VARIANTS = [

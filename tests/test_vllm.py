@@ -15,6 +15,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import pytest
 import torch
 
+import pwopsd.engine as engines
 import rollout as R
 
 if not engines.vllm_available():
@@ -25,7 +26,6 @@ if not engines.vllm_available():
 from types import SimpleNamespace
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-import pwopsd.engine as engines
 
 GREEDY = dict(max_new_tokens=32, temperature=0.0)
 QUESTIONS = ["What is 2+3?", "Reply with just the word yes.", "Name a colour.", "Write a haiku about the sea."]
