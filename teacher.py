@@ -1,8 +1,8 @@
 """The privileged teacher: its prompt, and the forward pass that scores the student's own tokens.
 
-Teacher = the frozen initial policy (under LoRA: the same network with the adapter disabled) shown the
-problem *and a reference solution* (OPSD, arXiv:2601.18734, Sec. 3). It reads the student's completion
-token ids unchanged after its own prompt, so position k of the completion is scored by
+Teacher = the frozen initial policy (under LoRA: the network with its adapter disabled) shown the problem *and a
+reference solution* (OPSD, arXiv:2601.18734, Sec. 3). It reads the student's completion unchanged after its own
+prompt, so position k of the completion is scored by
 
     teacher:  p_T(. | teacher_prompt, y_<k)        student:  p_S(. | student_prompt, y_<k)
 
@@ -18,13 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from pwopsd.cli import arg, parse_config
-from pwopsd.engine import causal_lm, lm_head_weight  # the bare network / its lm_head inside wrappers
+from pwopsd.cli import arg, load_tokenizer, parse_config
+from pwopsd.engine import causal_lm, generate_hf, lm_head_weight  # the network / its lm_head inside wrappers
 from pwopsd.packing import pack, pad
 from rollout import encode, problem_message, render_chat, student_prompt
 
-# Between the problem and rollout.INSTRUCTION (the same boxed-answer sentence the student sees), see
-# rollout.problem_message: "Problem: {problem}\n\n" + this + INSTRUCTION.
+# The teacher's message (rollout.problem_message): "Problem: {problem}\n\n" + this + rollout.INSTRUCTION.
 TEACHER_CONTEXT = (
     "Here is a reference solution to this problem:\n"
     "=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n\n"
@@ -121,8 +120,6 @@ def main(argv=None):
 
     from data import load_problems
     from loss import clipped_forward_kl
-    from pwopsd.cli import load_tokenizer
-    from pwopsd.engine import generate_hf
 
     a = parse_config(TeacherArgs, argv, prog="teacher.py", description="Show the student/teacher prompts of a "
                      "problem and score one student rollout token by token (clipped forward KL).")
