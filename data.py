@@ -24,22 +24,15 @@ from pwopsd.records import _ASSISTANT, _USER, _columns, _get, _pick, _read_rows,
 
 DEFAULT_DATASET = "siyanzhao/Openthoughts_math_30k_opsd"
 
-
 # Candidate columns, in order of preference. A dotted name reads a nested field (verl's
 # ``reward_model.ground_truth``); a chat column (a list of {"role", "content"} messages: ``messages``, or
 # TRL's conversational ``prompt`` / ``completion``) gives its user message as the problem and its last
 # assistant message as the solution.
 PROBLEM_FIELDS = ("problem", "question", "Problem", "Question", "prompt", "query", "messages", "conversations")
-
-
 SOLUTION_FIELDS = ("solution", "reason", "Solution", "reasoning", "generated_solution", "response", "output",
                    "completion", "generation", "messages", "conversations")
-
-
 ANSWER_FIELDS = ("answer", "Answer", "final_answer", "expected_answer", "reward_model.ground_truth",
                  "extra_info.answer", "extra_info.ground_truth")
-
-
 _announced: set = set()  # (source, columns) already printed by load_problems
 
 

@@ -27,7 +27,6 @@ from pwopsd.engine import Engine, Rollout  # noqa: F401  (Rollout: the record ev
 # The boxed-answer instruction, shared by the student, teacher and evaluation prompts.
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
-
 # A boxed-answer instruction already at the end of a problem (many public math sets carry one): ours in any
 # case, spacing or final punctuation, and the common variants ("Let's think step by step and output the
 # final answer within \boxed{}.", "... put the final answer in $\boxed{}$").

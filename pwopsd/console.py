@@ -12,7 +12,6 @@ import warnings
 # the user set is never overridden. Hub download bars stay: they are progress.
 LIBRARY_LOGGERS = ("vllm", "transformers", "datasets", "huggingface_hub", "accelerate", "peft", "DeepSpeed", "torch")
 
-
 # vLLM's in-place weight reload (engine.sync_weights, every optimizer step) ends with a WARNING
 # "<Layer>: Failed to load weights" for each layer that owns tensors the streamed checkpoint did not contain, and then
 # puts that layer's tensors back as they were. For these two layers that is right, so the line is a false alarm:
@@ -23,7 +22,6 @@ LIBRARY_LOGGERS = ("vllm", "transformers", "datasets", "huggingface_hub", "accel
 # An untied head is streamed by name (lm_head.weight) and never warns. tests/test_vllm.py checks that synced engines
 # sample what HF samples. Dropped always (also with --verbose); any other layer's line still shows.
 HARMLESS_RELOAD_WARNINGS = ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights")
-
 
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"  # the module that logs them
 

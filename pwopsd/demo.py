@@ -64,7 +64,6 @@ def demo_arithmetic(n: int = 2000, seed: int = 0, style: str = "steps") -> list[
 DEMO_SOURCES = {"demo-arithmetic": ("steps", False), "demo-arithmetic-test": ("steps", True),
                 "demo-arithmetic-flat": ("flat", False), "demo-arithmetic-flat-test": ("flat", True)}
 
-
 DEMO_TRAIN_SIZE, DEMO_TEST_SEED, DEMO_TEST_SIZE = 2000, 20_240_601, 500
 
 

@@ -142,7 +142,6 @@ def start_output_dir(path, run_files, overwrite: bool, settings_file: str, setti
 # "eval" = evaluation during training).
 TRAIN_RUN_FILES = ("metrics.jsonl", "checkpoint-*", "pw-opsd", "eval")
 
-
 # Arguments that may differ when a run is resumed: run length and checkpoint cadence (a new --max_steps also
 # stretches or shortens a decaying learning-rate schedule), where things are written and logged, and knobs
 # that change memory or speed but not the numbers (micro-batch size: the step's gradient is the same however

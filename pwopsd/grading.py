@@ -54,7 +54,6 @@ DECIMAL_RTOL = 1e-3  # decimals: on top of math-verify's rounding to 6 decimal p
 STARTUP_TIMEOUT = 120.0  # seconds for the worker to import sympy / math-verify (a loaded machine is slow)
 STATS = {"calls": 0, "timeouts": 0, "crashes": 0, "starts": 0}  # of this process's worker calls
 
-
 # Answers: the last \boxed{} of a text (data.py reads reference answers with these, too).
 _BOX = re.compile(r"\\(?:boxed|fbox)\b")
 
