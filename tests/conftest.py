@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from pwopsd.demo import resolve_model
+    from data import resolve_model
 
     return resolve_model("smollm2-135m")
 
