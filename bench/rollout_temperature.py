@@ -37,18 +37,21 @@ def main(argv=None):
         p.error("--temperatures: each must be > 0 (greedy samples nothing)")
     import torch  # noqa: F401  (before vLLM)
 
+    import pwopsd.engine as engines
+
     import rollout as R
-    from data import load_problems, load_tokenizer
+    from data import load_problems
+    from pwopsd.cli import load_tokenizer
 
     tok, path = load_tokenizer(a.model, what=f"rollout_temperature.py: --model {a.model}")
     problems = load_problems(a.dataset, verbose=False)
     order = random.Random(0).sample(range(len(problems)), len(problems))  # train.py's epoch-0 order at --seed 0
     prompts = [R.encode(tok, R.student_prompt(tok, problems[i]["problem"])) for i in order[:a.prompts]]
-    engine = R.make_engine("vllm", path, tokenizer=tok, dtype="float32", seed=0,
+    engine = engines.make_engine("vllm", path, tokenizer=tok, dtype="float32", seed=0,
                            max_model_len=max(map(len, prompts)) + a.max_new_tokens, logprobs_mode="processed_logprobs")
     runs = {t: [g[0] for g in R.generate(engine, prompts, seeds=0, max_new_tokens=a.max_new_tokens, temperature=t,
                                          top_p=a.top_p, top_k=a.top_k, logprobs=True)] for t in a.temperatures}
-    R.close(engine)
+    engines.close(engine)
     ref = runs[a.temperatures[0]]
     print(f"| T | identical to T {a.temperatures[0]} | median first difference | mean length | mean sampled log p | "
           f"share p > 0.999 |\n|---|---|---|---|---|---|")

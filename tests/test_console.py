@@ -1,4 +1,4 @@
-"""The console (data.quiet_logs): library chatter dropped by default, errors kept, --verbose keeps all, the harmless
+"""The console (pwopsd.console.quiet_logs): library chatter dropped by default, errors kept, --verbose keeps all, the harmless
 vLLM reload warnings always dropped; the user's VLLM_LOGGING_LEVEL wins. (The line counts of real runs are checked
 where those runs already happen: tests/test_evaluate.py's vLLM run, tests/test_train.py's resume run.)"""
 import logging
@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 
-import data
+from pwopsd import console
 
-NAMES = data.LIBRARY_LOGGERS + (data.RELOAD_LOGGER, "vllm.v1.worker.cpu_worker", "transformers.modeling_utils")
+NAMES = console.LIBRARY_LOGGERS + (console.RELOAD_LOGGER, "vllm.v1.worker.cpu_worker", "transformers.modeling_utils")
 VARS = ("VLLM_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY", "HF_HUB_VERBOSITY")
 
 
@@ -23,12 +23,12 @@ def seen(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).filters)) for n in NAMES}
     for n in NAMES:  # a clean start: libraries at WARNING, nothing of an earlier quiet_logs (other tests run mains)
-        logging.getLogger(n).setLevel(logging.WARNING if n in data.LIBRARY_LOGGERS else logging.NOTSET)
+        logging.getLogger(n).setLevel(logging.WARNING if n in console.LIBRARY_LOGGERS else logging.NOTSET)
         logging.getLogger(n).filters.clear()
     got = []
     handler = logging.Handler()
     handler.emit = lambda record: got.append(record.getMessage())
-    for name in data.LIBRARY_LOGGERS:
+    for name in console.LIBRARY_LOGGERS:
         logging.getLogger(name).addHandler(handler)
     yield got
     for name, (level, filters) in saved.items():
@@ -47,13 +47,13 @@ def _chatter():
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU.")
     for layer in ("RotaryEmbedding", "ParallelLMHead", "QKVParallelLinear"):
-        logging.getLogger(data.RELOAD_LOGGER).warning("%s: Failed to load weights", layer)
+        logging.getLogger(console.RELOAD_LOGGER).warning("%s: Failed to load weights", layer)
     logging.getLogger("vllm.v1.engine.core").error("EngineCore failed")
     logging.getLogger("DeepSpeed").error("a DeepSpeed error")
 
 
 def test_quiet_by_default_keeps_only_errors(seen):
-    data.quiet_logs(False)
+    console.quiet_logs(False)
     _chatter()
     assert seen == ["EngineCore failed", "a DeepSpeed error"]
     assert os.environ["VLLM_LOGGING_LEVEL"] == "ERROR" and os.environ["TRANSFORMERS_VERBOSITY"] == "error"
@@ -68,7 +68,7 @@ def test_quiet_by_default_keeps_only_errors(seen):
 
 def test_verbose_keeps_everything_but_the_harmless_reload_warnings(seen):
     logging.getLogger("vllm").setLevel(logging.INFO)  # as vLLM configures itself when VLLM_LOGGING_LEVEL is unset
-    data.quiet_logs(True)
+    console.quiet_logs(True)
     _chatter()
     assert seen == ["libtcmalloc is not found in LD_PRELOAD.", "Initializing a V1 LLM engine (v0.32.0) with config: ...",
                     "Some weights were not initialized", "Setting accelerator to CPU.",
@@ -77,11 +77,11 @@ def test_verbose_keeps_everything_but_the_harmless_reload_warnings(seen):
 
 def test_a_vllm_logging_level_set_by_the_user_wins(seen, monkeypatch):
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "ERROR")  # set by the user (or inherited): vLLM's import lines follow it
-    data.quiet_logs(False)
+    console.quiet_logs(False)
     logging.getLogger("vllm.triton_utils.importing").warning("Triton is installed, but doesn't include CPU backend.")
     assert seen == [] and logging.getLogger("vllm").level == logging.ERROR
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")
-    data.quiet_logs(False)
+    console.quiet_logs(False)
     _chatter()
     assert os.environ["VLLM_LOGGING_LEVEL"] == "INFO" and logging.getLogger("vllm").level == logging.INFO
     assert seen == ["libtcmalloc is not found in LD_PRELOAD.", "Initializing a V1 LLM engine (v0.32.0) with config: ...",

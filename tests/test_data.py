@@ -168,10 +168,11 @@ def test_nested_answer_fallbacks_and_list_answers(tmp_path):
         {"problem": "Roots of x^2-8x+15?", "solution": "x = 3 or 5", "extra_info": {"answer": ["3", "5"]}},
         {"problem": "GSM-style?", "solution": "1 + 1 = 2", "extra_info": {"answer": "1 + 1 = <<1+1=2>>2\n#### 2"}}])
     assert [r["answer"] for r in load_problems(path)] == ["3, 5", "2"]
-# ---- the shared command line (data.parse_config) -----------------------------------------------------
+# ---- the shared command line (pwopsd.cli.parse_config) -----------------------------------------------------
 from dataclasses import dataclass  # noqa: E402
 
-from data import arg, check_same_settings, parse_config, read_jsonl  # noqa: E402
+from pwopsd.cli import arg, parse_config  # noqa: E402
+from pwopsd.folders import check_same_settings, read_jsonl  # noqa: E402
 
 
 @dataclass
@@ -205,7 +206,7 @@ def test_parse_config_values_and_yaml(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--max_step", "2"], "x.py: unknown flag --max_step (did you mean --max_steps?)"),
     (["--max"], "x.py: unknown flag --max"),  # never abbreviated
-    (["--out", "d"], "x.py: unknown flag --out: renamed --output_dir"),
+    (["--out", "d"], "x.py: unknown flag --out"),  # no renamed-flag aliases (issue 24)
     (["--rollout_backend", "vlm"], "x.py: --rollout_backend: unknown 'vlm' (choose from auto, vllm, hf)"),
     (["--max_steps", "0"], "x.py: --max_steps must be > 0 (got 0)"),
     (["--top_p", "0"], "x.py: --top_p must be in (0, 1] (got 0.0)"),
@@ -254,7 +255,7 @@ def test_check_same_settings(tmp_path):
 
 # ------------------------------------------------------------------------------------------ output folders
 def _out_error(path, **kw):
-    from data import check_output_dir
+    from pwopsd.folders import check_output_dir
 
     with pytest.raises(SystemExit) as e:
         check_output_dir(path, "x.py", **kw)
@@ -265,7 +266,7 @@ def _out_error(path, **kw):
 def test_check_output_dir_refuses_files_and_unwritable_folders(tmp_path, monkeypatch):
     import os
 
-    from data import check_output_dir
+    from pwopsd.folders import check_output_dir
 
     f = tmp_path / "a_file"
     f.write_text("x")
@@ -294,7 +295,7 @@ def test_check_output_dir_refuses_files_and_unwritable_folders(tmp_path, monkeyp
 
 
 def test_check_output_dir_lists_an_earlier_run_and_clear_deletes_only_it(tmp_path):
-    from data import check_output_dir, clear_output_dir
+    from pwopsd.folders import check_output_dir, clear_output_dir
 
     patterns = ("metrics.jsonl", "checkpoint-*")
     assert check_output_dir(tmp_path, "x.py", patterns) == []
@@ -311,7 +312,7 @@ def test_check_output_dir_lists_an_earlier_run_and_clear_deletes_only_it(tmp_pat
 
 
 def test_a_folder_holding_another_scripts_run_is_refused(tmp_path):
-    from data import check_output_dir
+    from pwopsd.folders import check_output_dir
 
     (tmp_path / "metrics.jsonl").write_text("{}\n")  # a training run
     (tmp_path / "summary.json").write_text("{}\n")

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import diagnose as D
-import rollout as R
+import pwopsd.engine as engines
 
 
 # ---------------------------------------------------------------------------------------------- positions
@@ -121,7 +121,7 @@ def test_forcing_reaches_every_hf_continuation_row(tiny_model_dir):
 
     model.generate = recording_generate
     args = Namespace(rollout_temperature=1.0, top_p=1.0, top_k=0)
-    gen = D.sampler(R.make_engine("hf", model=model, tokenizer=tok), args)
+    gen = D.sampler(engines.make_engine("hf", model=model, tokenizer=tok), args)
     prompt, spine = [1, 2, 3, 4], [40, 41, 42, 43, 44, 45]
     branches = [(0, 900), (3, 901), (5, 902)]
     bar = _Progress()
@@ -324,7 +324,7 @@ def test_vllm_backend_budgets_and_per_request_seeds(tmp_path, smollm2_dir):
     tiny_model_dir = str(tmp_path)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     args = Namespace(rollout_temperature=1.0, top_p=1.0, top_k=0)
-    engine = R.make_engine("vllm", tiny_model_dir, dtype="float32", max_model_len=256, seed=0,
+    engine = engines.make_engine("vllm", tiny_model_dir, dtype="float32", max_model_len=256, seed=0,
                            gpu_memory_utilization=0.3, kv_cache_gib=1.0)
     gen = D.sampler(engine, args)
     a = gen([[1, 2, 3, 900], [1, 2, 901]], [6, 1], 2, [11, 12])

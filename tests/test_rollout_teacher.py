@@ -3,7 +3,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rollout import encode, generate_hf, student_prompt
+import pwopsd.engine as engines
+from pwopsd.engine import generate_hf
+from rollout import encode, student_prompt
 from teacher import completion_hidden_states, lm_head_weight, teacher_mode, teacher_prompt
 
 # Shapes of the real templates: Qwen3 reads enable_thinking; DeepSeek-R1-Distill opens <think> itself.
@@ -169,8 +171,8 @@ def opinionated_model_dir(tiny_model_dir, tmp_path_factory):
 def test_hf_rollouts_ignore_the_checkpoints_generation_config(tiny_model_dir, opinionated_model_dir):
     import rollout as R
 
-    plain = R.make_engine("hf", tiny_model_dir, dtype="float32")
-    loud = R.make_engine("hf", opinionated_model_dir, dtype="float32")
+    plain = engines.make_engine("hf", tiny_model_dir, dtype="float32")
+    loud = engines.make_engine("hf", opinionated_model_dir, dtype="float32")
     assert loud.model.generation_config.repetition_penalty == 1.5  # the file was read
     tok = plain.tokenizer
     prompts = [encode(tok, student_prompt(tok, "What is 12 times 3?")), encode(tok, student_prompt(tok, "1+1?"))]
@@ -223,6 +225,6 @@ def test_vllm_engine_is_told_to_ignore_the_generation_config(monkeypatch, tiny_m
             self.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=64))
 
     monkeypatch.setattr(vllm, "LLM", FakeLLM)
-    engine = R.make_engine("vllm", tiny_model_dir, dtype="float32", max_model_len=64)
+    engine = engines.make_engine("vllm", tiny_model_dir, dtype="float32", max_model_len=64)
     assert seen["generation_config"] == "vllm" and seen["model"] == tiny_model_dir
     assert engine.stop_ids == [AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id]

@@ -10,6 +10,7 @@ import torch
 
 from conftest import FIXTURES, ROOT
 from test_train import losses, run_train, tiny_args
+import pwopsd.ema
 
 
 def tiny_peft(model_dir):
@@ -22,12 +23,11 @@ def tiny_peft(model_dir):
 
 
 def test_ema_adapter_is_the_base_at_start_then_follows_the_student(tiny_model_dir, tmp_path):
-    import train
     from teacher import teacher_mode
 
     model, lora = tiny_peft(tiny_model_dir)
     rng = torch.get_rng_state()
-    train.add_ema_teacher(model, lora)
+    pwopsd.ema.add_ema_teacher(model, lora)
     assert torch.equal(rng, torch.get_rng_state())  # the overwritten init does not shift the run's random stream
     params = dict(model.named_parameters())
     ema_names = [n for n in params if ".ema." in n]
@@ -49,9 +49,9 @@ def test_ema_adapter_is_the_base_at_start_then_follows_the_student(tiny_model_di
     assert model.active_adapter == "default"  # switched back, grads as before
     assert all(params[n.replace(".ema.", ".default.")].requires_grad and not params[n].requires_grad for n in ema_names)
 
-    ema = train.ema_state(model)
+    ema = pwopsd.ema.ema_state(model)
     before = {n: e.detach().double().clone() for n, e, _, _ in ema}
-    train.update_ema_teacher(ema, 0.9)
+    pwopsd.ema.update_ema_teacher(ema, 0.9)
     for n, e, s, m in ema:
         assert m is e  # float32: updated in place, no second copy
         torch.testing.assert_close(e.double(), 0.9 * before[n] + 0.1 * s.double(), atol=1e-7, rtol=0)
@@ -61,10 +61,10 @@ def test_ema_adapter_is_the_base_at_start_then_follows_the_student(tiny_model_di
 
     (tmp_path / "adapter").mkdir()
     lora.save_pretrained(tmp_path / "adapter")
-    train.save_ema_teacher(ema, tmp_path / "ema_adapter", tmp_path / "adapter" / "adapter_config.json")
+    pwopsd.ema.save_ema_teacher(ema, tmp_path / "ema_adapter", tmp_path / "adapter" / "adapter_config.json")
     saved = {n: e.detach().clone() for n, e, _, _ in ema}
-    train.update_ema_teacher(ema, 0.0)  # = the student: changes every tensor
-    train.load_ema_teacher(ema, tmp_path / "ema_adapter")
+    pwopsd.ema.update_ema_teacher(ema, 0.0)  # = the student: changes every tensor
+    pwopsd.ema.load_ema_teacher(ema, tmp_path / "ema_adapter")
     assert all(torch.equal(e, saved[n]) for n, e, _, _ in ema)
 
 
@@ -108,7 +108,7 @@ def read_jsonl(path):
 
 def test_eval_during_training_logs_evaluate_py_metrics(tiny_model_dir, tmp_path):
     import evaluate as E
-    import grading
+    from pwopsd import grading
 
     bench, out = str(FIXTURES / "aime_format.jsonl"), str(tmp_path / "run")
     flags = dict(eval_steps=1, eval_benchmarks=bench, eval_n=2, eval_limit=2, eval_max_new_tokens=8, eval_temperature=1.0)

@@ -7,6 +7,9 @@ import sys
 import pytest
 
 from conftest import ROOT
+import evaluate
+import pwopsd.engine as engines
+import pwopsd.folders
 
 
 def run_train(*args, env=None, check=True):
@@ -155,9 +158,9 @@ def test_resume_lists_every_difference_and_allows_the_listed_ones(tmp_path):
     # what may change: run length, cadence, logging, memory knobs
     ok = _parse(tiny_args("tiny", str(out), max_steps=10, save_steps=5, report_to="tensorboard",
                           per_device_train_batch_size=1, loss_chunk_size=64, resume_from_checkpoint="latest"))
-    assert train.check_run_folder(ok) == str(ck)
-    assert {"max_steps", "save_steps", "report_to", "output_dir"} <= set(train.MAY_CHANGE_ON_RESUME)
-    assert set(train.MAY_CHANGE_ON_RESUME) <= {f.name for f in __import__("dataclasses").fields(train.Args)}
+    assert pwopsd.folders.check_run_folder(ok) == str(ck)
+    assert {"max_steps", "save_steps", "report_to", "output_dir"} <= set(pwopsd.folders.MAY_CHANGE_ON_RESUME)
+    assert set(pwopsd.folders.MAY_CHANGE_ON_RESUME) <= {f.name for f in __import__("dataclasses").fields(train.Args)}
     # a checkpoint saved by an older version without some argument: that argument is not compared
     state = json.loads((ck / "trainer_state.json").read_text())
     del state["args"]["w_s"]
@@ -239,32 +242,30 @@ def test_heldout_summary_compares_first_and_last_evaluation(tmp_path):
     args = train.parse_args(["--output_dir", str(tmp_path), "--eval_steps", "5", "--eval_n", "1", "--eval_temperature", "0",
                              "--eval_limit", "200", "--eval_benchmarks", "demo-arithmetic-test"])
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert train.heldout_summary(args) == ["held-out accuracy (demo-arithmetic-test, 200 problems, greedy): "
+    assert evaluate.heldout_summary(args) == ["held-out accuracy (demo-arithmetic-test, 200 problems, greedy): "
                                            "before 0.435 (step 0) -> after 0.495 (step 5)"]
     args.eval_n, args.eval_temperature = 4, 1.0  # sampled: the line names the metric; avg@4 was not logged
-    assert train.heldout_summary(args) == []
+    assert evaluate.heldout_summary(args) == []
     (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")  # one evaluation: nothing to compare
     args.eval_n = 1
-    assert train.heldout_summary(args) == []
+    assert evaluate.heldout_summary(args) == []
 
 
 def test_vllm_sync_auto_is_the_adapter_for_a_16_bit_lora_policy(tiny_model_dir, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    import rollout as R
     import train
 
     def model(dtype, lora=True):
         net = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
         return get_peft_model(net, LoraConfig(r=2, target_modules=["q_proj"])) if lora else net
 
-    assert R.sync_mode("auto", model(torch.bfloat16)) == "adapter"  # merged bf16 weights would round the update away
-    assert R.sync_mode("auto", model(torch.float32)) == "merged"
-    assert R.sync_mode("merged", model(torch.bfloat16)) == "merged"
-    assert R.sync_mode("auto", model(torch.bfloat16, lora=False)) == "merged"  # full fine-tuning: the weights
+    assert engines.sync_mode("auto", model(torch.bfloat16)) == "adapter"  # merged bf16 weights would round the update away
+    assert engines.sync_mode("auto", model(torch.float32)) == "merged"
+    assert engines.sync_mode("merged", model(torch.bfloat16)) == "merged"
+    assert engines.sync_mode("auto", model(torch.bfloat16, lora=False)) == "merged"  # full fine-tuning: the weights
     with pytest.raises(ValueError, match="needs a LoRA"):
-        R.sync_mode("adapter", model(torch.float32, lora=False))
+        engines.sync_mode("adapter", model(torch.float32, lora=False))
     with pytest.raises(SystemExit, match="--vllm_sync adapter syncs the LoRA adapter: it needs --use_lora true"):
         train.parse_args(tiny_args(tiny_model_dir, str(tmp_path / "o"), vllm_sync="adapter", use_lora="false"))

@@ -217,18 +217,19 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 import loss as L, rollout as R, train
+import pwopsd.engine as engines
 torch.set_num_threads(1)  # tiny model: threads only add contention on a shared CPU (10x slower there)
 
 # Cut the rollouts to lengths 3, 6, 9, 3 (a random model never stops): sequence lengths and micro-batch
 # token counts differ, so token vs sequence reduction and per-micro-batch vs global normalisers differ.
-generate = R.generate_hf
+generate = engines.generate_hf
 def uneven(*a, **k):
     out = generate(*a, **k)
     for i, r in enumerate(out):
         r.completion_ids = r.completion_ids[: 3 + 3 * (i % 3)]
     record["lengths"].append([len(r.completion_ids) for r in out])
     return out
-R.generate_hf = uneven
+engines.generate_hf = uneven
 
 chunked = L.FAST_PATHS["clipped_fkl", "chunked"]  # record the per-token clipped forward KL l_t
 def recorded(*a, **k):

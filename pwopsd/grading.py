@@ -48,12 +48,61 @@ import time
 import zlib
 from functools import lru_cache
 
-from data import boxes, split_gsm8k
 
 EXACT_RTOL = 1e-40  # exact forms: relative difference at 60 significant digits (i.e. equal)
 DECIMAL_RTOL = 1e-3  # decimals: on top of math-verify's rounding to 6 decimal places
 STARTUP_TIMEOUT = 120.0  # seconds for the worker to import sympy / math-verify (a loaded machine is slow)
 STATS = {"calls": 0, "timeouts": 0, "crashes": 0, "starts": 0}  # of this process's worker calls
+
+# Answers: the last \boxed{} of a text (data.py reads reference answers with these, too).
+_BOX = re.compile(r"\\(?:boxed|fbox)\b")
+
+
+def boxes(text: str) -> list[tuple[int, int, str | None]]:
+    """``(start, end, content)`` of each top-level ``\\boxed{...}`` / ``\\fbox{...}`` of ``text`` in order,
+    nested braces handled; ``\\boxed 5`` (no braces) gives ``"5"``. ``content`` is ``None`` for an unclosed
+    box, which then runs to the end of ``text`` (so it is the last). The one box scanner of the project:
+    ``last_boxed`` for reference solutions, ``extract_answer`` for responses."""
+    out, pos = [], 0
+    while (m := _BOX.search(text, pos)) is not None:
+        i = m.end()
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            depth = 0
+            for j in range(i, len(text)):
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                if depth == 0:
+                    out.append((m.start(), j + 1, text[i + 1:j].strip()))
+                    pos = j + 1
+                    break
+            else:
+                out.append((m.start(), len(text), None))
+                break
+            continue
+        bare = re.match(r"[^\s$\\]+", text[i:]) if i > m.end() else None  # "\boxed 5"
+        if bare:
+            out.append((m.start(), i + bare.end(), bare.group(0).rstrip(".,;")))
+            pos = i + bare.end()
+        else:
+            pos = m.end()
+    return out
+
+
+def last_boxed(text: str | None) -> str | None:
+    """Content of the last closed ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text`` (``boxes``): the answer of a
+    reference solution. An unclosed last box falls back to the box before it; no box yields ``None``, an
+    empty box ``""``. (A *response* with an unclosed last box has no answer: ``extract_answer``.)
+    """
+    closed = [c for _, _, c in boxes(text or "") if c is not None]
+    return closed[-1] if closed else None
+
+
+def split_gsm8k(answer: str) -> tuple[str, str]:
+    """GSM8K worked answer -> (solution without ``<<...>>`` notes, final answer after ``####``)."""
+    body, _, final = answer.rpartition("####")
+    solution = re.sub(r"<<[^>]*>>", "", body).strip()
+    return solution, final.strip().replace(",", "")
 
 
 def stable_seed(*parts) -> int:

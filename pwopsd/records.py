@@ -1,0 +1,99 @@
+"""Reading problem rows: local .jsonl / .json / .parquet files or Hub datasets, and finding their fields.
+
+Used by data.load_problems; a dotted field name reads a nested field, a chat column (a list of
+{"role", "content"} messages) gives its first user message or its last assistant message.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pwopsd.demo import DEMO_SOURCES
+
+_USER, _ASSISTANT = ("user", "human"), ("assistant", "gpt", "model", "bot")
+
+
+def _read_rows(source: str, split: str) -> list[dict]:
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json", ".parquet"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{source}: no such file")
+        if path.suffix == ".jsonl":
+            with open(path) as f:
+                rows = []
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise ValueError(f"{source}:{i}: not valid JSON ({e.msg})") from None
+                return rows
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
+                data = data.get(split) or data.get("data") or next(iter(data.values()))
+            if not isinstance(data, list):
+                raise ValueError(f"{source}: expected a list of records")
+            return data
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict("records")
+    import datasets  # Hub id (or a local dataset folder)
+
+    try:
+        return list(datasets.load_dataset(source, split=split))
+    except ConnectionError as e:  # offline (HF_HUB_OFFLINE) or no network: one line, with what to do instead
+        cause = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise ConnectionError(f"cannot download {source!r} from the Hugging Face Hub ({cause}); use a local "
+                              f".jsonl/.json/.parquet copy of it, or an offline built-in: {', '.join(DEMO_SOURCES)}") from None
+
+
+def _columns(row: dict, prefix: str = "") -> set[str]:
+    """The row's keys, plus ``key.sub`` for the fields of nested dicts (any depth)."""
+    out = set()
+    for k, v in row.items():
+        out.add(prefix + k)
+        if isinstance(v, dict):
+            out |= _columns(v, f"{prefix}{k}.")
+    return out
+
+
+def _get(row: dict, field: str | None):
+    """Value of ``field`` (dotted = nested) in ``row``; ``None`` when absent."""
+    if field is None:
+        return None
+    if field in row:
+        return row[field]
+    head, _, rest = field.partition(".")
+    return _get(row[head], rest) if rest and isinstance(row.get(head), dict) else None
+
+
+def _text(value, roles) -> str:
+    """A field as text: a chat (list of messages) gives its first message by one of ``roles`` (user)
+    or its last (assistant); a list of plain values is joined with ", " (several answers)."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # parquet lists are numpy arrays
+        value = value.tolist()
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        said = [m.get("content", m.get("value")) for m in value if m.get("role", m.get("from")) in roles]
+        said = [str(c) for c in said if c is not None]
+        return (said[0] if roles == _USER else said[-1]).strip() if said else ""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v).strip() for v in value)
+    return "" if value is None else str(value).strip()
+
+
+def _pick(columns, wanted: str | None, candidates, what: str, source: str, required: bool, taken=()):
+    """The column to read ``what`` from: ``wanted`` if given (must exist), else the first candidate present
+    that is not in ``taken`` (a chat column may serve as problem and solution, nothing else may)."""
+    if wanted:
+        if wanted not in columns:
+            raise KeyError(f"{source}: no {what} field {wanted!r}; columns are {sorted(columns)}")
+        return wanted
+    for c in candidates:
+        if c in columns and (c not in taken or c in ("messages", "conversations")):
+            return c
+    if required:
+        flag = f"--{what}_field"
+        raise KeyError(f"{source}: no {what} field (tried {', '.join(candidates)}; set {flag}); "
+                       f"columns are {sorted(columns)}")
+    return None
