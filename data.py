@@ -66,8 +66,8 @@ _BOX = re.compile(r"\\(?:boxed|fbox)\b")
 
 def boxes(text: str) -> list[tuple[int, int, str | None]]:
     """``(start, end, content)`` of each top-level ``\\boxed{...}`` / ``\\fbox{...}`` of ``text`` in order,
-    nested braces handled; ``\\boxed 5`` (no braces) gives ``"5"``. ``content`` is ``None`` for an unclosed
-    box, which then runs to the end of ``text`` (so it is the last). The one box scanner of the project:
+    nested braces handled; ``\\boxed 5`` (no braces: a number only) gives ``"5"``, ``\\boxed form`` nothing.
+    ``content`` is ``None`` for an unclosed box, which then runs to the end of ``text`` (so it is the last). The one box scanner of the project:
     ``last_boxed`` here, ``grading.extract_answer`` for responses."""
     out, pos = [], 0
     while (m := _BOX.search(text, pos)) is not None:
@@ -86,7 +86,8 @@ def boxes(text: str) -> list[tuple[int, int, str | None]]:
                 out.append((m.start(), len(text), None))
                 break
             continue
-        bare = re.match(r"[^\s$\\]+", text[i:]) if i > m.end() else None  # "\boxed 5"
+        # "\boxed 5": a bare number only -- the word "\boxed" in prose ("in \boxed form") is not an answer
+        bare = re.match(r"-?\d[\d,]*(?:\.\d+)?(?![^\s$\\.,;])", text[i:]) if i > m.end() else None
         if bare:
             out.append((m.start(), i + bare.end(), bare.group(0).rstrip(".,;")))
             pos = i + bare.end()

@@ -108,7 +108,7 @@ ORIENTATION = {
 EXPERIMENT_FLAGS = ("model", "dataset", "dataset_split", "problem_field", "solution_field", "answer_field",
                     "spines_per_problem", "positions_per_spine", "alternatives", "continuations", "max_new_tokens",
                     "max_prompt_length", "rollout_temperature", "top_p", "top_k", "score_temperature", "temperature",
-                    "clip", "branch_budget", "student_thinking", "teacher_thinking", "seed")
+                    "clip", "branch_budget", "student_thinking", "teacher_thinking", "seed", "grading")
 # What a run writes into --output_dir (all that --overwrite_output_dir true deletes).
 RUN_FILES = ("config.json", "spines.jsonl", "branches.jsonl", "positions.jsonl", "summary.json", "roc.png",
              "viability_vs_position.png")
@@ -142,6 +142,9 @@ class Args:
     teacher_thinking: bool = arg(True, "chat-template thinking mode of the teacher prompt")
     label: str = arg("top1", "top1: viability(teacher top-1) >= threshold; teacher_mass: p_T-weighted mean "
                              "viability >= threshold", choices=("top1", "teacher_mass"))
+    grading: str = arg("strict", "grading rule of spines and continuations: strict = the answer after </think>, a "
+                                 "truncated response has none; authors = the last box anywhere (grading.py)",
+                       choices=("strict", "authors"))
     threshold: float = arg(0.5, "a position is reliable iff its viability (see --label) >= this", check="in [0, 1]")
     bootstrap: int = arg(1000, "cluster-bootstrap resamples (problems with replacement)", check=">= 0")
     min_class_count: int = arg(5, "fewer positions in a class -> every AUROC undefined")
@@ -299,7 +302,9 @@ def run_branches(jobs: list[dict], generate, tokenizer, eos_ids: list[int], grad
         by_key = {j["key"]: c for j, c in zip(live, conts)}
         for j in chunk:
             samples = by_key.get(j["key"], [[] for _ in range(n)])
-            graded = [grade(tokenizer.decode(j["prefix"] + c, skip_special_tokens=True), j["answer"]) for c in samples]
+            # truncated: the response (prefix + continuation) does not end at a stop token
+            graded = [grade(tokenizer.decode(j["prefix"] + c, skip_special_tokens=True), j["answer"],
+                            truncated=(j["prefix"] + c)[-1] not in eos_ids) for c in samples]
             write({**j["record"], "correct": [bool(c) for _, c in graded], "extracted": [e for e, _ in graded],
                    "continuation_tokens": [len(c) for c in samples],
                    "viability": sum(c for _, c in graded) / len(graded)})
@@ -564,7 +569,8 @@ def score_positions(args: Args, new_spines: list[tuple], spines: dict, model, to
     with open(path, "a") as f:
         for r, k, ids in tqdm(new_spines, desc="scores", unit="spine", dynamic_ncols=True, smoothing=0, leave=False):
             ids = ids or [stop_ids[0]]  # defensive (every backend returns >= 1 token): an empty spine has no positions
-            extracted, correct = grade(tok.decode(ids, skip_special_tokens=True), r["answer"])
+            extracted, correct = grade(tok.decode(ids, skip_special_tokens=True), r["answer"],
+                                       truncated=ids[-1] not in stop_ids, rule=args.grading)
             rng = random.Random(f"{args.seed}|positions|{r['id']}|{k}")
             rec = {"problem_id": r["id"], "spine": k, "completion_ids": ids, "length": len(ids),
                    "truncated": ids[-1] not in stop_ids, "extracted": extracted, "correct": bool(correct),
@@ -616,7 +622,8 @@ def branches_stage(args: Args, chosen: list[dict], spines: dict, generate, tok, 
             def write(line):
                 f.write(json.dumps(line) + "\n")
                 f.flush()
-            run_branches(jobs, generate, tok, stop_ids, grade, args.continuations, args.branch_batch, write, bar)
+            graded_by = lambda text, answer, truncated: grade(text, answer, truncated=truncated, rule=args.grading)
+            run_branches(jobs, generate, tok, stop_ids, graded_by, args.continuations, args.branch_batch, write, bar)
     return {branch_key(b): b for b in read_jsonl(path)}
 
 

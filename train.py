@@ -54,7 +54,8 @@ MAY_CHANGE_ON_RESUME = ("max_steps", "save_steps", "output_dir", "resume_from_ch
                         "loss_impl", "loss_chunk_size", "gpu_memory_utilization", "kv_cache_gib", "trust_remote_code",
                         # evaluation during training reads the policy, it does not change it
                         "eval_steps", "eval_benchmarks", "eval_n", "eval_limit", "eval_temperature", "eval_top_p",
-                        "eval_max_new_tokens", "eval_thinking")
+                        "eval_max_new_tokens", "eval_thinking",
+                        "grading")  # the metrics' grading rule: what is logged, not what is trained
 TEACHERS = ("base", "ema")
 EMA_ADAPTER = "ema"  # peft adapter name of the EMA teacher; the student is peft's "default"
 
@@ -136,6 +137,9 @@ class Args:
     eval_top_p: float = arg(0.95, "sampling nucleus of the evaluation (top-k off)", check="in (0, 1]")
     eval_max_new_tokens: int | None = arg(None, "evaluation response cap (default --max_new_tokens)", check=">= 1")
     eval_thinking: bool = arg(True, "chat-template thinking mode of the evaluation prompt (evaluate.py's default)")
+    grading: str = arg("strict", "grading rule of the correct metric and the evaluation: strict = the answer after "
+                                 "</think>, a truncated response has none; authors = the last box anywhere (grading.py)",
+                       choices=("strict", "authors"))
     # --- LoRA / optimisation ------------------------------------------------------------------------
     use_lora: bool = arg(True, "false = full fine-tuning with a frozen teacher copy")
     lora_r: int = arg(64, "LoRA rank", check="> 0")
@@ -752,7 +756,7 @@ def eval_protocol(args: Args, backend: str):
     return E.Args(model=args.model, benchmarks=list(args.eval_benchmarks), limit=args.eval_limit, n=args.eval_n,
                   seeds=[0], rollout_temperature=args.eval_temperature, top_p=args.eval_top_p, top_k=0,
                   max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens, student_thinking=args.eval_thinking,
-                  rollout_backend=backend, problems_per_call=max(1, 64 // args.eval_n) if backend == "hf" else 64)
+                  rollout_backend=backend, grading=args.grading, problems_per_call=max(1, 64 // args.eval_n) if backend == "hf" else 64)
 
 
 def load_eval_benchmarks(args: Args) -> dict[str, list[dict]]:
@@ -863,8 +867,8 @@ def step_metrics(run: Run, batch, rollouts, out: dict, grad_norm, times: dict, s
 
     acc, w = run.accelerator, out["weights"]
     texts = run.tok.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
-    graded = [grading.grade(t, b["answer"]) if b["answer"] else (grading.extract_answer(t), False)
-              for t, b in zip(texts, per_rollout(batch, rollouts))]
+    graded = [grading.grade(t, b["answer"], truncated=r.truncated, rule=run.args.grading) if b["answer"]
+              else (grading.extract_answer(t), False) for t, b, r in zip(texts, per_rollout(batch, rollouts), rollouts)]
     sums = reduce_sums(acc, {"rollouts": len(rollouts), "truncated": sum(r.truncated for r in rollouts),
                              "boxed": sum(a is not None for a, _ in graded), "correct": sum(c for _, c in graded),
                              "weight_sum": w.sum().item(), "weights": w.numel()})

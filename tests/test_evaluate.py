@@ -494,3 +494,32 @@ def test_lora_checkpoint_in_16_bit_merges_in_float32_or_is_served_unmerged(tiny_
     argv[argv.index("hf")] = "vllm"
     E.main(argv)
     assert seen == {"path": tiny_model_dir, "rank": 2, "dtype": "bfloat16", "served": ckpt + "/adapter"}
+
+
+def test_summary_shows_both_grading_rules(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Issue 26 item 1: a sample cut off inside its thinking after a box counts under the authors' rule only."""
+    bench = _write_jsonl(tmp_path / "bench.jsonl", [{"problem": "What is 2+3?", "answer": "5"}])
+    canned = [("<think>2+3 = \\boxed{5}, let me double-check the", True),   # truncated inside <think>
+              ("<think>so \\boxed{5}</think>The answer is 5.", False),      # box only in the thinking
+              ("<think>2+3</think>\\boxed{5}", False),                      # right under both
+              ("<think>hm</think>\\boxed{6}", False)]                       # wrong under both
+
+    def fake_sample(engine, tokenizer, prompts, n, seed, args, progress=None):
+        return [[{"response": r, "num_tokens": 9, "truncated": t} for r, t in canned] for _ in prompts]
+
+    monkeypatch.setattr(E, "sample", fake_sample)
+    argv = ["--model", tiny_model_dir, "--benchmarks", bench, "--n", "4", "--seeds", "0", "--rollout_backend", "hf"]
+    strict = E.main(argv + ["--output_dir", str(tmp_path / "s")])
+    assert strict["grading"] == "strict" and strict["mean_over_benchmarks"]["mean"]["avg@4"] == 0.25
+    assert strict["by_grading"]["strict"]["mean"]["avg@4"] == 0.25
+    assert strict["by_grading"]["authors"]["mean"]["avg@4"] == 0.75
+    assert "avg@4 by grading rule (mean over benchmarks): strict 25.0 %, authors 75.0 % (reported: strict)" \
+        in capsys.readouterr().out
+    rows = [json.loads(x) for x in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()]
+    assert [r["grades"]["authors"][1] for r in rows] == [True, True, True, False]
+    assert [r["correct"] for r in rows] == [False, False, True, False]
+    # the paper's protocol names the authors' rule; the same samples then report 75 %
+    authors = E.main(argv + ["--output_dir", str(tmp_path / "s"), "--grading", "authors"])
+    assert authors["mean_over_benchmarks"]["mean"]["avg@4"] == 0.75 and authors["by_grading"] == strict["by_grading"]
+    import yaml
+    assert yaml.safe_load(open(E.__file__.replace("evaluate.py", "configs/eval-paper.yaml")))["grading"] == "authors"
