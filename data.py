@@ -181,7 +181,7 @@ def _read_rows(source: str, split: str) -> list[dict]:
         if not path.is_file():
             raise FileNotFoundError(f"{source}: no such file")
         if path.suffix == ".jsonl":
-            with open(path) as f:
+            with open(path, encoding="utf-8-sig") as f:  # -sig: a leading UTF-8 BOM (Windows editors) is dropped
                 rows = []
                 for i, line in enumerate(f, 1):
                     if line.strip():
@@ -191,7 +191,7 @@ def _read_rows(source: str, split: str) -> list[dict]:
                             raise ValueError(f"{source}:{i}: not valid JSON ({e.msg})") from None
                 return rows
         if path.suffix == ".json":
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
                 data = data.get(split) or data.get("data") or next(iter(data.values()))
             if not isinstance(data, list):
@@ -318,11 +318,12 @@ def load_problems(source: str = DEFAULT_DATASET, split: str = "train", *, proble
         used = ("solution and answer <- 'answer' (GSM8K '#### N')" if gsm8k else
                 f"solution <- {chat(sf, 'last assistant') if sf else '-'}, answer <- {repr(af) if af else boxed}")
         print(f"[data] {source}: problem <- {chat(pf, 'user')}, {used}")
-    out, skipped = [], 0
+    out, skipped, empty = [], 0, {"problem": 0, "solution": 0, "answer": 0}
     for i, r in enumerate(rows):
         rec = _record(r, i, pf, sf, af, gsm8k)
         if not rec["problem"] or (require_solution and not rec["solution"]) or (require_answer and not rec["answer"]):
             skipped += 1
+            empty["problem" if not rec["problem"] else "solution" if require_solution and not rec["solution"] else "answer"] += 1
             continue
         out.append(rec)
         if limit and len(out) >= limit:
@@ -330,8 +331,19 @@ def load_problems(source: str = DEFAULT_DATASET, split: str = "train", *, proble
     if verbose and skipped:
         print(f"[data] {source}: skipped {skipped} record(s) with an empty problem/solution/answer")
     if not out:
-        raise ValueError(f"{source}: no usable records (all {len(rows)} were empty)")
+        raise ValueError(no_usable_records(source, len(rows), empty, {"problem": pf, "solution": sf, "answer": af}))
     return out
+
+
+def no_usable_records(source: str, n: int, empty: dict, fields: dict) -> str:
+    """The one-line error of a source none of whose ``n`` records is usable, naming the field that was empty in
+    most of them (``empty``: field -> count) and the column it was read from (``fields``), or that there is none."""
+    what = max(empty, key=empty.get)
+    if what == "answer" and fields["answer"] is None:
+        return (f"{source}: no usable records: none of the {n} has an answer -- there is no answer column (tried "
+                f"{', '.join(ANSWER_FIELDS)}) and the solutions hold no \\boxed{{}}; set --answer_field")
+    column = f"column {fields[what]!r}" if fields[what] else f"no {what} column"
+    return f"{source}: no usable records: the {what} is empty in {empty[what]} of the {n} ({column}; set --{what}_field)"
 
 
 def _record(r: dict, i: int, pf: str, sf: str | None, af: str | None, gsm8k: bool) -> dict:

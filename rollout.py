@@ -52,6 +52,12 @@ _TRAILING_INSTRUCTION = re.compile(
     r"(?:put|output|write|give|place|present)\s+(?:your|the)\s+final\s+answer\s+(?:within|in|inside)\s+"
     r"\$?\s*\\boxed\s*\{\s*\}\s*\$?\s*[.!]*\s*$", re.IGNORECASE)
 
+# The same at the *start* of a problem: OpenThoughts-derived sets (the default training set among them) begin
+# each problem with "Return your final response within \boxed{}."; ours and its variants are matched too.
+_LEADING_INSTRUCTION = re.compile(
+    r"^\s*(?:return\s+your\s+final\s+(?:response|answer)\s+(?:within|in|inside)\s+\$?\s*\\boxed\s*\{\s*\}\s*\$?|"
+    + _TRAILING_INSTRUCTION.pattern.removeprefix(r"\s*").removesuffix(r"\s*[.!]*\s*$") + r")\s*[.!]*\s*", re.IGNORECASE)
+
 
 @dataclass
 class Rollout:
@@ -84,11 +90,14 @@ def problem_message(problem: str, context: str = "") -> str:
 
     ``context`` is empty for the student and evaluation, the reference-solution block for the teacher
     (teacher.py). A boxed-answer instruction the problem already ends with (``_TRAILING_INSTRUCTION``: ours or
-    a common variant, repeated or not) is removed first, so ``INSTRUCTION`` appears exactly once.
+    a common variant, repeated or not) is removed first, and so is one it begins with (``_LEADING_INSTRUCTION``), so
+    ``INSTRUCTION`` appears exactly once.
     """
     core = problem.strip()
     while (m := _TRAILING_INSTRUCTION.search(core)) and m.start() > 0:
         core = core[: m.start()].rstrip()
+    while (m := _LEADING_INSTRUCTION.match(core)) and m.end() < len(core):
+        core = core[m.end():]
     return f"Problem: {core}\n\n{context}{INSTRUCTION}"
 
 
