@@ -672,6 +672,24 @@ def load_tokenizer(name: str, *, what: str | None = None, hint: str = "", trust_
         raise SystemExit(f"{what or '--model ' + name}: cannot load ({(str(e).strip() or type(e).__name__).splitlines()[0]}){hint}")
 
 
+def model_context(path: str, trust_remote_code: bool = False, tokenizer=None) -> int | None:
+    """The model's context in tokens: ``max_position_embeddings`` (or ``n_positions`` / ``max_sequence_length`` /
+    ``seq_length``) of its config (the text config of a multimodal one), else the tokenizer's ``model_max_length``
+    when it is a real limit; None when neither says. Reads config.json only (no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            if isinstance(getattr(cfg, key, None), int) and getattr(cfg, key) > 0:
+                return getattr(cfg, key)
+    except (OSError, ValueError):
+        pass
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 1 << 30 else None  # 1e30: "no limit" sentinel
+
+
 # The console. By default a run prints its own lines (header, progress bars, step lines, final summary) and the
 # libraries only their errors: vLLM's start-up log (INFO and WARNING lines on stdout: engine config, Triton, LD_PRELOAD
 # tips, thread binding), transformers' / datasets' / DeepSpeed's / accelerate's warnings, transformers' weight-loading

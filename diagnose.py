@@ -86,7 +86,7 @@ import torch
 import torch.nn.functional as F
 
 import rollout as R
-from data import (DTYPES, HINT_MODEL, arg, check_output_dir, check_same_settings, fail, load_problems, load_tokenizer, parse_config, quiet_logs,
+from data import (DTYPES, HINT_MODEL, arg, check_output_dir, check_same_settings, fail, load_problems, load_tokenizer, model_context, parse_config, quiet_logs,
                   read_jsonl, resolve_dtype, start_output_dir)
 from grading import stable_seed  # 31-bit seed from parts, the same in every process and run
 
@@ -504,14 +504,23 @@ def load_inputs(args: Args):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     tok, path = load_tokenizer(args.model, what=f"{PROG}: --model {args.model}", hint=HINT_MODEL)
+    # A prompt and a full response (a branch's: up to twice --max_new_tokens with --branch_budget fresh) must fit
+    # the model's context: checked before the model loads; longer prompts are skipped and counted below.
+    budget, context = args.max_new_tokens * (2 if args.branch_budget == "fresh" else 1), model_context(path, tokenizer=tok)
+    if context is not None and budget >= context:
+        fail(PROG, f"--max_new_tokens {args.max_new_tokens} (--branch_budget {args.branch_budget}: {budget} response "
+                   f"tokens) leaves no room for a prompt in the model's context of {context} tokens: lower it")
+    limit = min(args.max_prompt_length, context - budget) if context is not None else args.max_prompt_length
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype)).to(device).eval()
     if args.alternatives > lm_head_weight(model).shape[0]:
         fail(PROG, f"--alternatives {args.alternatives} exceeds the vocabulary ({lm_head_weight(model).shape[0]})")
-    chosen, skipped = render_problems(tok, problems, args.max_prompt_length, student_thinking=args.student_thinking,
+    chosen, skipped = render_problems(tok, problems, limit, student_thinking=args.student_thinking,
                                       teacher_thinking=args.teacher_thinking, limit=args.num_problems)
     if skipped:
-        print(f"[diagnose] skipped {skipped} problem(s) whose prompt exceeds --max_prompt_length {args.max_prompt_length}")
+        room = f" (here {limit}: the model's context of {context} tokens less {budget} for the response)" \
+            if limit < args.max_prompt_length else ""
+        print(f"[diagnose] skipped {skipped} problem(s) whose prompt exceeds --max_prompt_length {args.max_prompt_length}{room}")
     if len(chosen) < args.num_problems:
         print(f"[diagnose] only {len(chosen)} usable problems (asked for {args.num_problems})")
     return chosen, tok, model, path

@@ -50,7 +50,8 @@ from pathlib import Path
 import grading
 import rollout as R
 from data import (DEMO_SOURCES, DTYPES, HINT_MODEL, arg, check_output_dir, check_same_settings, fail as _fail, load_problems,
-                  load_tokenizer, parse_config, quiet_logs, read_jsonl, resolve_dtype, resolve_model, start_output_dir)
+                  load_tokenizer, model_context, parse_config, quiet_logs, read_jsonl, resolve_dtype, resolve_model,
+                  start_output_dir)
 from grading import GRADING_RULES, grade, majority_correct, stable_seed
 from rollout import INSTRUCTION, encode
 
@@ -371,6 +372,27 @@ def build_sampler(a: Args, scratch: contextlib.ExitStack, backend: str, generate
     return engine
 
 
+def check_context(a: Args, benches: dict, backend: str):
+    """Before the model loads: the longest prompt plus ``--max_new_tokens`` fit the model's context
+    (``data.model_context``; vLLM: ``--max_model_len`` when given, which may not exceed it). Exits with one line
+    naming the flags and the limit -- HF would otherwise cap the budget silently, vLLM refuse at engine start."""
+    tokenizer, _ = load_tokenizer(tokenizer_source(a.model, a.tokenizer), what=f"{PROG}: --model {a.model}", hint=HINT_MODEL)
+    context = model_context(resolve_model(resolve_checkpoint(a.model)[0]), tokenizer=tokenizer)
+    if context is None:
+        return
+    where = f"the model's context of {context} tokens (max_position_embeddings of --model {a.model})"
+    if backend == "vllm" and a.max_model_len:
+        if a.max_model_len > context:
+            fail(f"--max_model_len {a.max_model_len} exceeds {where}")
+        context, where = a.max_model_len, f"--max_model_len {a.max_model_len}"
+    longest, label = max((len(encode(tokenizer, eval_prompt(tokenizer, p["problem"], a.student_thinking))), label)
+                         for label, problems in benches.items() for p in problems)
+    if longest + a.max_new_tokens > context:
+        fail(f"--max_new_tokens {a.max_new_tokens} + the longest prompt ({longest} tokens, {label}) exceed {where}; "
+             f"--max_new_tokens {context - longest} at most" if context > longest else
+             f"the longest prompt ({longest} tokens, {label}) alone fills {where}")
+
+
 def call_seeds(backend: str, label: str, seed: int, start: int, problems: list[dict], idx: range, missing):
     """Which problems of the slice ``idx`` one call samples, and its seeds.
 
@@ -562,6 +584,8 @@ def main(argv=None) -> dict:
     backend = R.resolve_backend(a.rollout_backend)
     if a.rollout_backend == "auto" and backend == "hf":
         print("[eval] vllm is not importable: using the hf backend")
+    if have < len(keys):
+        check_context(a, benches, backend)
     with contextlib.ExitStack() as scratch:  # deletes a temporary merged model at the end
         engine = build_sampler(a, scratch, backend, generate=have < len(keys)) if have < len(keys) or a.save_merged else None
         # Only now, with the inputs and the model loaded: clear an old run (--overwrite_output_dir), record the settings.

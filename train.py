@@ -36,7 +36,7 @@ import torch
 import loss as L
 import rollout as R
 from data import (DEFAULT_DATASET, HINT_MODEL, arg, check_output_dir, clear_output_dir, fail, load_problems, load_tokenizer,
-                  parse_config, quiet_logs, read_jsonl, resolve_dtype)
+                  model_context, parse_config, quiet_logs, read_jsonl, resolve_dtype)
 from teacher import completion_hidden_states, lm_head_weight, render_problems, teacher_mode
 
 PROG = "train.py"
@@ -430,18 +430,41 @@ def build_prompts(args: Args, accelerator):
         fail(PROG, f"--dataset {args.dataset}: cannot load ({str(e).splitlines()[0]}). Offline? Try --config configs/demo.yaml")
     tok, model_path = load_tokenizer(args.model, what=f"{PROG}: --model {args.model}", hint=HINT_MODEL,
                                      trust_remote_code=args.trust_remote_code)
-    data, skipped = render_problems(tok, problems, args.max_prompt_length, student_thinking=args.student_thinking,
+    prompt_limit, context = prompt_room(args, model_path, tok)
+    data, skipped = render_problems(tok, problems, prompt_limit, student_thinking=args.student_thinking,
                                     teacher_thinking=args.teacher_thinking)
     if L.METHODS[args.method].loss in L.REFERENCE_TARGETS:  # sft trains on the reference solution + EOS as its "rollout"
         data = [{**d, "reference_ids": R.encode(tok, d["solution"]) + [tok.eos_token_id]} for d in data]
         if args.sft_prompts == "both":  # each solution also under the teacher prompt (a batch mixes the two)
             data += [{**d, "student_ids": d["teacher_ids"]} for d in data]
     if skipped:
+        room = f" (here {prompt_limit}: the model's context of {context} tokens less {response_budget(args)} for the " \
+               f"response)" if prompt_limit < args.max_prompt_length else ""
         accelerator.print(f"[train] skipped {skipped} of {len(problems)} problems whose prompt "
-                          f"exceeds --max_prompt_length {args.max_prompt_length}")
+                          f"exceeds --max_prompt_length {args.max_prompt_length}{room}")
     if len(data) < args.batch_size:
         fail(PROG, f"--dataset {args.dataset}: {len(data)} usable problems < --batch_size {args.batch_size}")
     return tok, data, model_path
+
+
+def response_budget(args: Args) -> int:
+    """The longest response the run samples: ``--max_new_tokens``, or ``--eval_max_new_tokens`` when larger."""
+    return max(args.max_new_tokens, (args.eval_max_new_tokens or 0) if args.eval_steps else 0)
+
+
+def prompt_room(args: Args, model_path: str, tok) -> tuple[int, int | None]:
+    """``(longest prompt kept, the model's context or None)``: ``--max_prompt_length``, lowered so that a prompt
+    and a full response fit the model's context (``data.model_context``). A longer prompt is skipped and counted
+    at load, as one over ``--max_prompt_length`` is -- not found at the step that draws it. Exits with one line
+    when the response budget alone fills the context."""
+    context, budget = model_context(model_path, args.trust_remote_code, tok), response_budget(args)
+    if context is None:
+        return args.max_prompt_length, None
+    if budget >= context:
+        flags = "--eval_max_new_tokens" if budget > args.max_new_tokens else "--max_new_tokens"
+        fail(PROG, f"{flags} {budget} leaves no room for a prompt in the model's context of {context} tokens "
+                   f"(max_position_embeddings of --model {args.model}): lower it")
+    return min(args.max_prompt_length, context - budget), context
 
 
 def build_student_teacher(args: Args, accelerator, model_path: str):
@@ -492,11 +515,13 @@ def build_engine(args: Args, accelerator, model, tok, model_path: str) -> R.Engi
     policy = accelerator.unwrap_model(model)
     if R.resolve_backend(args.rollout_backend) == "hf":
         return R.make_engine("hf", model=policy, tokenizer=tok)
-    # The context also holds the evaluation's longer responses when --eval_max_new_tokens asks for them.
-    new_tokens = max(args.max_new_tokens, (args.eval_max_new_tokens or 0) if args.eval_steps else 0)
+    # The context also holds the evaluation's longer responses when --eval_max_new_tokens asks for them; never more
+    # than the model's (prompt_room kept only prompts that fit it).
+    new_tokens = response_budget(args)
+    context = model_context(model_path, args.trust_remote_code, tok)
     adapter = R.sync_mode(args.vllm_sync, policy) == "adapter"  # LoRA in bf16: merged weights would round the update away
     accelerator.print(f"[train] vLLM weight sync: {'the LoRA adapter' if adapter else 'merged weights'} (--vllm_sync {args.vllm_sync})")
-    return R.make_engine("vllm", model_path, model=policy, tokenizer=tok, max_model_len=args.max_prompt_length + new_tokens,
+    return R.make_engine("vllm", model_path, model=policy, tokenizer=tok, max_model_len=min(args.max_prompt_length + new_tokens, context or 1 << 30),
                          seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
                          colocated=True, accelerator=accelerator, trust_remote_code=args.trust_remote_code,
                          lora_rank=args.lora_r if adapter else None)

@@ -440,3 +440,16 @@ def test_branches_are_graded_with_their_truncation(monkeypatch):
                        lambda text, ref, truncated: G.grade(text, ref, truncated=truncated, rule=rule), 2, 1, lines.append)
         assert lines[0]["correct"] == correct, rule
     assert D.parse_args(["--grading", "authors"]).grading == "authors" and D.parse_args([]).grading == "strict"
+
+
+def test_a_response_budget_over_the_context_is_one_line_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    """Issue 26 item 2 (the tiny model's context: 2048 tokens; --branch_budget fresh doubles the response)."""
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("model loaded"))
+    args = D.parse_args(["--model", tiny_model_dir, "--max_new_tokens", "1024", "--branch_budget", "fresh",
+                         "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=r"--max_new_tokens 1024 \(--branch_budget fresh: 2048 response tokens\) leaves "
+                                         r"no room for a prompt in the model's context of 2048 tokens: lower it$"):
+        D.load_inputs(args)

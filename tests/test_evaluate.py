@@ -166,7 +166,7 @@ def test_main_metrics_from_canned_responses(tiny_model_dir, tmp_path, monkeypatc
     monkeypatch.setattr(E, "sample", fake_sample)
     monkeypatch.setattr(E, "stable_seed", lambda label, seed, start: seed)  # hand the run seed to the fake
     summary = E.main(["--model", tiny_model_dir, "--benchmarks", a, b, "--n", "4", "--seeds", "0", "1",
-                      "--rollout_backend", "hf", "--output_dir", str(tmp_path / "out")])
+                      "--max_new_tokens", "64", "--rollout_backend", "hf", "--output_dir", str(tmp_path / "out")])
     A, B = summary["benchmarks"]["a/test.jsonl"], summary["benchmarks"][f"{tmp_path.name}/b.jsonl"]
     assert A["problems"] == 2 and B["problems"] == 1
     assert A["per_seed"]["0"]["avg@4"] == pytest.approx((1 / 4 + 2 / 4) / 2)
@@ -508,7 +508,8 @@ def test_summary_shows_both_grading_rules(tiny_model_dir, tmp_path, monkeypatch,
         return [[{"response": r, "num_tokens": 9, "truncated": t} for r, t in canned] for _ in prompts]
 
     monkeypatch.setattr(E, "sample", fake_sample)
-    argv = ["--model", tiny_model_dir, "--benchmarks", bench, "--n", "4", "--seeds", "0", "--rollout_backend", "hf"]
+    argv = ["--model", tiny_model_dir, "--benchmarks", bench, "--n", "4", "--seeds", "0", "--rollout_backend", "hf",
+            "--max_new_tokens", "64"]
     strict = E.main(argv + ["--output_dir", str(tmp_path / "s")])
     assert strict["grading"] == "strict" and strict["mean_over_benchmarks"]["mean"]["avg@4"] == 0.25
     assert strict["by_grading"]["strict"]["mean"]["avg@4"] == 0.25
@@ -523,3 +524,18 @@ def test_summary_shows_both_grading_rules(tiny_model_dir, tmp_path, monkeypatch,
     assert authors["mean_over_benchmarks"]["mean"]["avg@4"] == 0.75 and authors["by_grading"] == strict["by_grading"]
     import yaml
     assert yaml.safe_load(open(E.__file__.replace("evaluate.py", "configs/eval-paper.yaml")))["grading"] == "authors"
+
+
+def test_context_overflow_is_one_line_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    """Issue 26 item 2: the tiny model's context is 2048 tokens; HF used to cap a larger budget silently."""
+    bench = _write_jsonl(tmp_path / "b.jsonl", [{"problem": "What is 2+3?", "answer": "5"}])
+    monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    argv = ["--model", tiny_model_dir, "--benchmarks", bench, "--n", "1", "--seeds", "0", "--rollout_backend", "hf"]
+    with pytest.raises(SystemExit, match=r"--max_new_tokens 100000 \+ the longest prompt \(\d+ tokens, .*b.jsonl\) exceed "
+                                         r"the model's context of 2048 tokens \(max_position_embeddings of --model .*\); "
+                                         r"--max_new_tokens \d+ at most$"):
+        E.main(argv + ["--max_new_tokens", "100000", "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o" / "settings.json").exists()  # nothing recorded
+    with pytest.raises(SystemExit, match=r"--max_model_len 4096 exceeds the model's context of 2048 tokens"):
+        E.check_context(E.parse_args(argv + ["--max_new_tokens", "8", "--max_model_len", "4096",
+                                             "--output_dir", str(tmp_path / "o")]), {"b": [{"problem": "x"}]}, "vllm")

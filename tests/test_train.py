@@ -268,3 +268,30 @@ def test_vllm_sync_auto_is_the_adapter_for_a_16_bit_lora_policy(tiny_model_dir, 
         R.sync_mode("adapter", model(torch.float32, lora=False))
     with pytest.raises(SystemExit, match="--vllm_sync adapter syncs the LoRA adapter: it needs --use_lora true"):
         train.parse_args(tiny_args(tiny_model_dir, str(tmp_path / "o"), vllm_sync="adapter", use_lora="false"))
+
+
+def test_prompts_that_fit_max_prompt_length_but_not_the_context_are_skipped_at_load(tiny_model_dir, tmp_path, capsys):
+    """Issue 26 item 2: the tiny model's context is 2048 tokens. A prompt under --max_prompt_length 2048 that leaves
+    no room for the response is skipped and counted at load (it used to crash the step that drew it); a response
+    budget that fills the context is one line before the model loads."""
+    import train
+
+    data = tmp_path / "d.jsonl"
+    rows = [{"problem": f"What is {i} + {i}?", "solution": f"{i} + {i} = {2 * i}", "answer": str(2 * i)} for i in range(4)]
+    rows.append({"problem": "long " * 1900, "solution": "x", "answer": "1"})  # ~1950 tokens: < 2048, > 2048 - 200
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+
+    class Acc:
+        print = staticmethod(print)
+
+    args = _parse(tiny_args(tiny_model_dir, str(tmp_path / "o"), dataset=data, max_prompt_length=2048, max_new_tokens=200))
+    _, kept, _ = train.build_prompts(args, Acc())
+    assert len(kept) == 4
+    assert ("skipped 1 of 5 problems whose prompt exceeds --max_prompt_length 2048 (here 1848: the model's context of "
+            "2048 tokens less 200 for the response)") in capsys.readouterr().out
+    for flags, message in ([("max_new_tokens", 2048)], "--max_new_tokens 2048 leaves no room"), \
+                          ([("eval_steps", 1), ("eval_max_new_tokens", 4000)], "--eval_max_new_tokens 4000 leaves no room"):
+        args = _parse(tiny_args(tiny_model_dir, str(tmp_path / "o"), dataset=data, **dict(flags)))
+        with pytest.raises(SystemExit, match=f"^train.py: {message} for a prompt in the model's context of 2048 tokens "
+                                             r"\(max_position_embeddings of --model .*\): lower it$"):
+            train.build_prompts(args, Acc())
