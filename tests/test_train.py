@@ -295,3 +295,45 @@ def test_prompts_that_fit_max_prompt_length_but_not_the_context_are_skipped_at_l
         with pytest.raises(SystemExit, match=f"^train.py: {message} for a prompt in the model's context of 2048 tokens "
                                              r"\(max_position_embeddings of --model .*\): lower it$"):
             train.build_prompts(args, Acc())
+
+
+def _damaged_pair(out):
+    """checkpoint-1 (sound) and checkpoint-2 whose model.safetensors a copy cut short, as files accelerate writes."""
+    import torch
+    from safetensors.torch import save_file
+
+    for step in (1, 2):
+        ck = _fake_checkpoint(out, step=step)
+        save_file({"w": torch.arange(64, dtype=torch.float32)}, str(ck / "model.safetensors"))
+        torch.save({"state": {}}, ck / "optimizer.bin")
+    whole = (out / "checkpoint-2" / "model.safetensors").read_bytes()
+    (out / "checkpoint-2" / "model.safetensors").write_bytes(whole[: len(whole) // 2])
+    return out / "checkpoint-1", out / "checkpoint-2"
+
+
+def test_a_damaged_checkpoint_is_one_line_and_latest_skips_it(tmp_path):
+    """Issue 26 item 3: half-written model.safetensors, empty or cut optimizer.bin."""
+    import train
+
+    out = tmp_path / "o"
+    good, bad = _damaged_pair(out)
+    argv = tiny_args("tiny", str(out), max_steps=4)
+    message = _parse_error(argv + ["--resume_from_checkpoint", str(bad)])
+    assert message == (f"train.py: --resume_from_checkpoint {bad}: model.safetensors is cut short (164 of 328 bytes); "
+                       f"resume from another checkpoint (--resume_from_checkpoint latest takes the newest loadable one)")
+    args = _parse(argv + ["--resume_from_checkpoint", "latest"])  # passes: checkpoint-1's arguments are checked
+    said = []
+    assert train.loadable_checkpoint(str(out), said.append) == str(good)
+    assert said == [f"[train] --resume_from_checkpoint latest: skipping {bad}: model.safetensors is cut short (164 of 328 bytes)"]
+    (good / "optimizer.bin").write_bytes(b"")
+    assert train.damaged_file(good) == "optimizer.bin is empty"
+    with pytest.raises(SystemExit, match=r"every checkpoint in .* is damaged \(the newest, .*checkpoint-2: model.safetensors "
+                                         r"is cut short .*\); start over with --overwrite_output_dir true$"):
+        train.loadable_checkpoint(str(out))
+    import torch
+
+    torch.save({"state": {"x": torch.zeros(1000)}}, good / "optimizer.bin")
+    cut = (good / "optimizer.bin").read_bytes()
+    (good / "optimizer.bin").write_bytes(cut[:-200])  # a torch archive whose end (its directory) is missing
+    assert train.damaged_file(good).startswith("optimizer.bin is unreadable (")
+    assert args.resume_from_checkpoint == "latest"
