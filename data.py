@@ -509,6 +509,38 @@ def fail(prog: str, message: str) -> NoReturn:
     raise SystemExit(f"{prog}: {message}")
 
 
+def continue_command(prog: str, argv: list[str] | None, drop: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> str:
+    """``python <prog> <argv>`` (``sys.argv[1:]`` when ``argv`` is None) without the flags in ``drop`` (each with its
+    value), plus ``add``; shell-quoted: the command that continues a run."""
+    import shlex
+
+    rest, kept = [str(a) for a in (sys.argv[1:] if argv is None else argv)], []
+    while rest:
+        a = rest.pop(0)
+        if a.split("=")[0] in drop:
+            if "=" not in a and rest:
+                rest.pop(0)
+            continue
+        kept.append(a)
+    return shlex.join(["python", prog, *kept, *add])
+
+
+def exit_on_interrupt(main, prog: str, saved) -> None:
+    """Run ``main()``; on Ctrl-C (KeyboardInterrupt) print one line instead of a traceback --
+    ``<prog>: interrupted; <saved()>`` (what is on disk and the command that continues) -- and exit with 130.
+    Under a multi-process launch only rank 0 prints."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            try:
+                what = saved()
+            except Exception as e:  # the line must come out even if looking at the output folder fails
+                what = f"(could not read what was saved: {type(e).__name__})"
+            print(f"{prog}: interrupted; {what}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
 def parse_bool(text) -> bool:
     """``true`` / ``false`` (any case) -> bool; anything else is an error (``flase`` never means False)."""
     if isinstance(text, bool):

@@ -87,7 +87,7 @@ import torch.nn.functional as F
 
 import rollout as R
 from data import (DTYPES, HINT_MODEL, arg, check_output_dir, check_same_settings, fail, load_problems, load_tokenizer, model_context, parse_config, quiet_logs,
-                  read_jsonl, resolve_dtype, start_output_dir)
+                  read_jsonl, resolve_dtype, start_output_dir, continue_command, exit_on_interrupt)
 from grading import stable_seed  # 31-bit seed from parts, the same in every process and run
 
 PROG = "diagnose.py"
@@ -695,6 +695,7 @@ def report(summary: dict, positions: list[dict], out: Path, wall: dict):
 # ==================================================================================================
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    INTERRUPTED["out"] = Path(args.output_dir)
     quiet_logs(args.verbose)
     t_start, wall = time.time(), {}
     chosen, tok, model, path = load_inputs(args)
@@ -725,5 +726,25 @@ def main(argv=None) -> dict:
     return summary
 
 
+INTERRUPTED = {}  # the output folder of the run in progress, for interrupted_line
+
+
+def interrupted_line(argv=None) -> str:
+    """After Ctrl-C: the spines and branches on disk and the command that continues (``data.exit_on_interrupt``)."""
+    again = continue_command(PROG, argv, drop=("--overwrite_output_dir",))
+    out = INTERRUPTED.get("out")
+    counts = {f: sum(1 for line in (out / f).read_text().splitlines() if line.strip())
+              for f in ("spines.jsonl", "branches.jsonl") if out is not None and (out / f).is_file()}
+    if not counts:
+        return f"nothing was saved yet; run again with: {again}"
+    saved = ", ".join(f"{n} lines of {out / f}" for f, n in counts.items())
+    return f"{saved} are saved; continue with the same command: {again}"
+
+
+def cli(argv=None):
+    """The command line: ``main`` with a one-line Ctrl-C."""
+    exit_on_interrupt(lambda: main(argv), PROG, lambda: interrupted_line(argv))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

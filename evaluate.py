@@ -51,7 +51,7 @@ import grading
 import rollout as R
 from data import (DEMO_SOURCES, DTYPES, HINT_MODEL, arg, check_output_dir, check_same_settings, damaged_file, fail as _fail,
                   load_problems, load_tokenizer, model_context, parse_config, quiet_logs, read_jsonl, resolve_dtype,
-                  resolve_model, start_output_dir)
+                  resolve_model, start_output_dir, continue_command, exit_on_interrupt)
 from grading import GRADING_RULES, grade, majority_correct, stable_seed
 from rollout import INSTRUCTION, encode
 
@@ -574,6 +574,7 @@ def main(argv=None) -> dict:
     """Run an evaluation (see the module docstring); returns the summary written to ``summary.json``."""
 
     a = parse_args(argv)
+    INTERRUPTED["out"] = output_folder(a)
     quiet_logs(a.verbose)
     t0 = time.time()
     benches = {benchmark_label(b): load_benchmark(b, a) for b in a.benchmarks}
@@ -609,5 +610,23 @@ def main(argv=None) -> dict:
     return summary
 
 
+INTERRUPTED = {}  # the output folder of the run in progress, for interrupted_line
+
+
+def interrupted_line(argv=None) -> str:
+    """After Ctrl-C: the graded samples on disk and the command that continues (``data.exit_on_interrupt``)."""
+    again = continue_command(PROG, argv, drop=("--overwrite_output_dir",))
+    samples = INTERRUPTED["out"] / "samples.jsonl" if "out" in INTERRUPTED else None
+    if samples is None or not samples.is_file():
+        return f"no sample was saved yet; run again with: {again}"
+    n = sum(1 for line in samples.read_text().splitlines() if line.strip())
+    return f"{n} graded samples are saved in {samples}; continue with the same command: {again}"
+
+
+def cli(argv=None):
+    """The command line: ``main`` with a one-line Ctrl-C."""
+    exit_on_interrupt(lambda: main(argv), PROG, lambda: interrupted_line(argv))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -36,7 +36,8 @@ import torch
 import loss as L
 import rollout as R
 from data import (DEFAULT_DATASET, HINT_MODEL, arg, check_output_dir, clear_output_dir, damaged_file, fail, load_problems,
-                  load_tokenizer, model_context, parse_config, quiet_logs, read_jsonl, resolve_dtype)
+                  load_tokenizer, model_context, parse_config, quiet_logs, read_jsonl, resolve_dtype, continue_command,
+                  exit_on_interrupt)
 from teacher import completion_hidden_states, lm_head_weight, render_problems, teacher_mode
 
 PROG = "train.py"
@@ -988,6 +989,7 @@ def main(argv=None, on_step=None):
     from tqdm.auto import tqdm
 
     args = parse_args(argv)
+    INTERRUPTED["args"] = args
     quiet_logs(args.verbose)
     t0 = time.time()
     run = setup(args)
@@ -1043,5 +1045,25 @@ def run_summary(args: Args, start_step: int, seconds: float) -> str:
     return f"[train] {steps} done in {took}; {out}: {', '.join(files)}"
 
 
+INTERRUPTED = {}  # the parsed arguments of the run in progress, for interrupted_line
+
+
+def interrupted_line(argv=None) -> str:
+    """After Ctrl-C: the checkpoint on disk and the command that continues from it (``data.exit_on_interrupt``)."""
+    again = continue_command(PROG, argv, drop=("--resume_from_checkpoint", "--overwrite_output_dir"),
+                             add=("--resume_from_checkpoint", "latest"))
+    args = INTERRUPTED.get("args")
+    if args is None:
+        return f"nothing was saved; run again with: {continue_command(PROG, argv)}"
+    ckpt = latest_checkpoint(args.output_dir)
+    saved = f"the last checkpoint is {ckpt}" if ckpt else f"no checkpoint was saved yet in {args.output_dir}"
+    return f"{saved}; continue with: {again}"
+
+
+def cli(argv=None):
+    """The command line: ``main`` with a one-line Ctrl-C."""
+    exit_on_interrupt(lambda: main(argv), PROG, lambda: interrupted_line(argv))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

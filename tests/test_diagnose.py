@@ -453,3 +453,21 @@ def test_a_response_budget_over_the_context_is_one_line_before_the_model_loads(t
     with pytest.raises(SystemExit, match=r"--max_new_tokens 1024 \(--branch_budget fresh: 2048 response tokens\) leaves "
                                          r"no room for a prompt in the model's context of 2048 tokens: lower it$"):
         D.load_inputs(args)
+
+
+def test_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
+    """Issue 26 item 4: Ctrl-C -> one line naming what is saved and the same command, exit 130."""
+    out = tmp_path / "o"
+
+    def ctrl_c(args):  # two spines written, then Ctrl-C
+        out.mkdir()
+        (out / "spines.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "load_inputs", ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        D.cli(["--output_dir", str(out), "--num_problems", "2"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"diagnose.py: interrupted; 2 lines of {out / 'spines.jsonl'} are saved; continue with the same command: "
+        f"python diagnose.py --output_dir {out} --num_problems 2"]

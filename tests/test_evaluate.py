@@ -555,3 +555,25 @@ def test_a_damaged_checkpoint_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match=rf"^evaluate.py: --model {ck}: adapter/adapter_model.safetensors is cut short "
                                          r"\(100 of \d+ bytes\)$"):
         E.main(["--model", str(ck), "--benchmarks", "aime24", "--output_dir", str(tmp_path / "o")])
+
+
+def test_ctrl_c_is_one_line_naming_the_samples_and_the_command(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Issue 26 item 4: Ctrl-C while sampling -> one line on stderr (what is saved, the same command), exit 130."""
+    bench = _write_jsonl(tmp_path / "b.jsonl", [{"problem": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(3)])
+    calls = []
+
+    def fake_sample(engine, tokenizer, prompts, n, seeds, args, progress=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return [[{"response": "\\boxed{0}", "num_tokens": 3, "truncated": False}] * n for _ in prompts]
+
+    monkeypatch.setattr(E, "sample", fake_sample)
+    argv = ["--model", tiny_model_dir, "--benchmarks", bench, "--n", "2", "--seeds", "0", "--max_new_tokens", "8",
+            "--rollout_backend", "hf", "--problems_per_call", "1", "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        E.cli(argv + ["--overwrite_output_dir", "true"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1:] == [
+        f"evaluate.py: interrupted; 2 graded samples are saved in {tmp_path / 'o' / 'samples.jsonl'}; continue with the "
+        f"same command: python evaluate.py {' '.join(argv)}"]

@@ -337,3 +337,31 @@ def test_a_damaged_checkpoint_is_one_line_and_latest_skips_it(tmp_path):
     (good / "optimizer.bin").write_bytes(cut[:-200])  # a torch archive whose end (its directory) is missing
     assert train.damaged_file(good).startswith("optimizer.bin is unreadable (")
     assert args.resume_from_checkpoint == "latest"
+
+
+def test_ctrl_c_is_one_line_naming_the_checkpoint_and_the_command(tmp_path, monkeypatch, capsys):
+    """Issue 26 item 4: KeyboardInterrupt (Ctrl-C) during the run -> one line on stderr, exit status 130."""
+    import train
+
+    out = tmp_path / "o"
+    ck = _fake_checkpoint(out, step=2)
+    argv = [str(a) for a in tiny_args("tiny", str(out), max_steps=4)] + ["--resume_from_checkpoint", "latest"]
+
+    def ctrl_c(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "setup", ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        train.cli(argv)
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train.py: interrupted; the last checkpoint is {ck}; continue with: python train.py "
+                   + " ".join(argv[:-2]) + " --resume_from_checkpoint latest"]
+    # a fresh run stopped before its first checkpoint: the same command with --resume_from_checkpoint latest
+    train.INTERRUPTED.clear()
+    argv = [str(a) for a in tiny_args("tiny", str(tmp_path / "p"), max_steps=4)]
+    with pytest.raises(SystemExit):
+        train.cli(argv + ["--overwrite_output_dir", "true"])
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"train.py: interrupted; no checkpoint was saved yet in {tmp_path / 'p'}; continue with: python train.py "
+        + " ".join(argv) + " --resume_from_checkpoint latest"]
