@@ -35,7 +35,7 @@ import torch
 
 import loss as L
 import rollout as R
-from data import (DEFAULT_DATASET, HINT_MODEL, arg, check_output_dir, clear_output_dir, damaged_file, fail, load_problems,
+from data import (BUILD_SECONDS, DEFAULT_DATASET, HINT_MODEL, arg, check_output_dir, clear_output_dir, damaged_file, fail, load_problems,
                   load_tokenizer, model_context, parse_config, quiet_logs, read_jsonl, resolve_dtype, continue_command,
                   exit_on_interrupt)
 from teacher import completion_hidden_states, lm_head_weight, render_problems, teacher_mode
@@ -289,8 +289,9 @@ def setup(args: Args) -> Run:
     accelerator, grad_accum = build_accelerator(args)
     resume = find_checkpoint(args, accelerator)
     set_seed(args.seed)
+    # Every input first: a bad benchmark file fails before a warm start is built (resolve_model, minutes on CPU).
+    eval_benchmarks = load_eval_benchmarks(args) if args.eval_steps else None
     tok, data, model_path = build_prompts(args, accelerator)
-    eval_benchmarks = load_eval_benchmarks(args) if args.eval_steps else None  # a bad file fails before the model loads
     if resume and args.teacher == "ema" and not (Path(resume) / "ema_adapter").is_dir():
         fail(PROG, f"--teacher ema: {resume} has no ema_adapter/ (it was trained with --teacher base)")
     model, frozen_teacher, optimizer, scheduler = build_student_teacher(args, accelerator, model_path)
@@ -1030,19 +1031,24 @@ def main(argv=None, on_step=None):
     if run.accelerator.is_main_process:
         for line in heldout_summary(args):  # what training did to held-out accuracy (--eval_steps)
             print(line)
-        print(run_summary(args, run.start_step, time.time() - t0))
+        build = sum(BUILD_SECONDS.values())  # the warm start's build (a first demo run) is reported apart from the steps
+        print(run_summary(args, run.start_step, time.time() - t0 - build, build))
     return args.output_dir
 
 
-def run_summary(args: Args, start_step: int, seconds: float) -> str:
-    """The last console line: the steps run, the wall time and what the output folder now holds."""
+def run_summary(args: Args, start_step: int, seconds: float, build_seconds: float = 0.0) -> str:
+    """The last console line: the steps run, the wall time (``build_seconds``, the warm start's build, apart) and
+    what the output folder now holds."""
     out = Path(args.output_dir)
     ckpts = sorted((p.name for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()), key=lambda n: int(n[11:]))
     files = ckpts + ["metrics.jsonl"] + [f"{name}/ ({what})" for name, what in (("eval", "evaluations"), ("pw-opsd", "tracker logs"))
                                          if (out / name).is_dir()]
     steps = f"steps {start_step + 1}-{args.max_steps}" if start_step < args.max_steps else f"no step after {start_step}"
-    took = f"{int(seconds // 60)} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.0f} s"
-    return f"[train] {steps} done in {took}; {out}: {', '.join(files)}"
+    def took(s):
+        return f"{int(s // 60)} min {s % 60:.0f} s" if s >= 60 else f"{s:.0f} s"
+
+    build = f" (+ {took(build_seconds)} building the warm start --model {args.model} once)" if build_seconds else ""
+    return f"[train] {steps} done in {took(seconds)}{build}; {out}: {', '.join(files)}"
 
 
 INTERRUPTED = {}  # the parsed arguments of the run in progress, for interrupted_line

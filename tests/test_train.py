@@ -365,3 +365,45 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_and_the_command(tmp_path, monk
     assert capsys.readouterr().err.strip().splitlines() == [
         f"train.py: interrupted; no checkpoint was saved yet in {tmp_path / 'p'}; continue with: python train.py "
         + " ".join(argv) + " --resume_from_checkpoint latest"]
+
+
+def test_first_demo_run_checks_inputs_before_building_the_warm_start(tmp_path, monkeypatch):
+    """Issue 26 item 5: a bad --eval_benchmarks file fails before the (minutes-long) warm-start build."""
+    import data
+    import train
+
+    monkeypatch.setattr(data, "build_warm_start", lambda name: pytest.fail("the warm start was built first"))
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"problem": "What is 2+3?", "solution": "5"}) + "\n")  # no answer column
+    args = _parse(tiny_args("smollm2-135m-warm", str(tmp_path / "o"), max_steps=1, eval_steps=1, eval_benchmarks=bench))
+    with pytest.raises(SystemExit, match=r"^train.py: --eval_benchmarks .*bench.jsonl: .*no usable records: none of the 1 "
+                                         r"has an answer"):
+        train.setup(args)
+
+
+def test_stale_build_folders_of_dead_processes_are_removed(tmp_path, capsys):
+    """Issue 26 item 5: an interrupted build's <name>.tmp<pid> folder goes once its process is gone."""
+    import subprocess
+    import sys
+
+    import data
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    (tmp_path / f"smollm2-135m-warm-1234abcd.tmp{dead_pid}" / "run").mkdir(parents=True)
+    (tmp_path / f"smollm2-135m-warm-1234abcd.tmp{os.getpid()}").mkdir()  # a build in progress (this process)
+    (tmp_path / "SmolLM2-135M-Instruct").mkdir()                        # a finished model
+    assert data.remove_stale_builds(tmp_path) == [f"smollm2-135m-warm-1234abcd.tmp{dead_pid}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SmolLM2-135M-Instruct", f"smollm2-135m-warm-1234abcd.tmp{os.getpid()}"]
+    assert "the unfinished build of a process that is gone" in capsys.readouterr().out
+
+
+def test_final_line_reports_the_warm_start_build_apart(tmp_path):
+    """Issue 26 item 5: `steps 1-5 done in ...` counts the steps, the build is named apart."""
+    import train
+
+    args = _parse(tiny_args("smollm2-135m-warm", str(tmp_path / "o"), max_steps=5))
+    line = train.run_summary(args, 0, 95.0, 312.0)
+    assert line.startswith("[train] steps 1-5 done in 1 min 35 s (+ 5 min 12 s building the warm start --model "
+                           "smollm2-135m-warm once); ")
+    assert train.run_summary(args, 0, 95.0).startswith("[train] steps 1-5 done in 1 min 35 s; ")
