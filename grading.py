@@ -3,17 +3,17 @@
 What the grader accepts
 -----------------------
 The **final answer** is the content of the response's last ``\\boxed{...}`` (or ``\\fbox{...}``, or
-``\\boxed 5`` -- a bare number; the word ``\\boxed`` in prose is no answer). Boxes directly before it
-that are joined to it only by a connector -- ``,``, ``;``, ``and``, ``or``, layout such as ``$``/``\\quad``,
-optionally a label like ``y =`` -- belong to the same answer, which is then the set of their contents (``\\boxed{3} and \\boxed{5}`` answers ``3, 5``). A box followed by more
-prose and another box was revised, and only the later one counts (``\\boxed{4} ... no, \\boxed{3}`` answers
-``3``). A response whose last box is not closed (cut off at the token budget) has **no** answer, even if an
-earlier box is complete; no box or an empty box is also wrong. Which part of the response is searched
-is the grading rule (``GRADING_RULES``): the text after ``</think>`` of an untruncated response (strict), or
-the whole text (the authors'). The answer is compared with the reference
-(a bare answer, or GSM8K's ``... #### N``) by math-verify: both are parsed with its boxed-priority LaTeX
-extraction and compared with ``verify`` (fractions, decimals, ``\\dfrac``, percentages, ``\\sqrt``, sets
-in any order, tuples, intervals, matrices, ``x = 5`` vs ``5``, algebraically equal expressions). On top:
+``\\boxed 5`` -- a bare number; the word ``\\boxed`` in prose is no answer). Boxes directly before it that are joined to
+it only by a connector -- ``,``, ``;``, ``and``, ``or``, layout such as ``$``/``\\quad``, optionally a label
+like ``y =`` -- belong to the same answer, which is then the set of their contents (``\\boxed{3} and
+\\boxed{5}`` answers ``3, 5``). A box followed by more prose and another box was revised, and only the later
+one counts (``\\boxed{4} ... no, \\boxed{3}`` answers ``3``). A response whose last box is not closed (cut off
+at the token budget) has **no** answer, even if an earlier box is complete; no box or an empty box is also
+wrong. Which part of the response is searched is the grading rule (``GRADING_RULES``): the text after
+``</think>`` of an untruncated response (strict), or the whole text (the authors'). The answer is compared
+with the reference (a bare answer, or GSM8K's ``... #### N``) by math-verify: both are parsed with its
+boxed-priority LaTeX extraction and compared with ``verify`` (fractions, decimals, ``\\dfrac``, percentages,
+``\\sqrt``, sets in any order, tuples, intervals, matrices, ``x = 5`` vs ``5``, algebraically equal expressions). On top:
   * **intervals and inequalities** are compared in both directions: ``x > 2`` and ``(2, \\infty)`` are the
     same answer whichever is the reference; ``x < -1 or x > 3`` equals ``(-\\infty,-1) \\cup (3,\\infty)``;
   * **numbers are compared relatively**: exact forms (integers, fractions, powers, factorials, surds)
