@@ -514,8 +514,11 @@ def test_summary_shows_both_grading_rules(tiny_model_dir, tmp_path, monkeypatch,
     assert strict["grading"] == "strict" and strict["mean_over_benchmarks"]["mean"]["avg@4"] == 0.25
     assert strict["by_grading"]["strict"]["mean"]["avg@4"] == 0.25
     assert strict["by_grading"]["authors"]["mean"]["avg@4"] == 0.75
-    assert "avg@4 by grading rule (mean over benchmarks): strict 25.0 %, authors 75.0 % (reported: strict)" \
-        in capsys.readouterr().out
+    console = capsys.readouterr().out.splitlines()
+    head = next(l for l in console if l.startswith("| benchmark |"))
+    assert "| Avg@4 | Pass@1 | Pass@2 | Pass@4 | Maj@4 | Avg@4 authors rule | mean len |" in head
+    assert next(l for l in console if l.startswith("| mean |")).startswith("| mean |  | 25.0 | 25.0 | 50.0 | 100.0 | 0.0 | 75.0 |")
+    assert console[-1].endswith("the table's metrics are graded by the strict rule, see --grading)")
     rows = [json.loads(x) for x in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()]
     assert [r["grades"]["authors"][1] for r in rows] == [True, True, True, False]
     assert [r["correct"] for r in rows] == [False, False, True, False]
