@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pwopsd.cli import arg, parse_config
 from pwopsd.demo import DEMO_MODEL, DEMO_SOURCES, DEMO_TEST_SIZE, DEMO_TRAIN_SIZE, demo_arithmetic, demo_heldout, resolve_model
 from pwopsd.grading import last_boxed, split_gsm8k
-from pwopsd.records import _ASSISTANT, _USER, _columns, _get, _pick, _read_rows, _text
+from pwopsd.records import _ASSISTANT, _USER, _columns, _get, _pick, _read_rows, _text, no_usable_records
 
 DEFAULT_DATASET = "siyanzhao/Openthoughts_math_30k_opsd"
 
@@ -93,11 +93,12 @@ def load_problems(source: str = DEFAULT_DATASET, split: str = "train", *, proble
         used = ("solution and answer <- 'answer' (GSM8K '#### N')" if gsm8k else
                 f"solution <- {chat(sf, 'last assistant') if sf else '-'}, answer <- {repr(af) if af else boxed}")
         print(f"[data] {source}: problem <- {chat(pf, 'user')}, {used}")
-    out, skipped = [], 0
+    out, skipped, empty = [], 0, {"problem": 0, "solution": 0, "answer": 0}
     for i, r in enumerate(rows):
         rec = _record(r, i, pf, sf, af, gsm8k)
         if not rec["problem"] or (require_solution and not rec["solution"]) or (require_answer and not rec["answer"]):
             skipped += 1
+            empty["problem" if not rec["problem"] else "solution" if require_solution and not rec["solution"] else "answer"] += 1
             continue
         out.append(rec)
         if limit and len(out) >= limit:
@@ -105,7 +106,7 @@ def load_problems(source: str = DEFAULT_DATASET, split: str = "train", *, proble
     if verbose and skipped:
         print(f"[data] {source}: skipped {skipped} record(s) with an empty problem/solution/answer")
     if not out:
-        raise ValueError(f"{source}: no usable records (all {len(rows)} were empty)")
+        raise ValueError(no_usable_records(source, len(rows), empty, {"problem": pf, "solution": sf, "answer": af}, ANSWER_FIELDS))
     return out
 
 

@@ -88,10 +88,10 @@ import torch.nn.functional as F
 import pwopsd.engine as engines
 import rollout as R
 from data import load_problems
-from pwopsd.cli import DTYPES, HINT_MODEL, arg, fail, load_tokenizer, parse_config, resolve_dtype
-from pwopsd.console import budget_bar, quiet_logs
-from pwopsd.folders import check_output_dir, check_same_settings, read_jsonl, start_output_dir
-from pwopsd.grading import stable_seed  # 31-bit seed from parts, the same in every process and run
+from pwopsd.cli import DTYPES, HINT_MODEL, arg, fail, load_tokenizer, model_context, parse_config, prompt_limit, resolve_dtype
+from pwopsd.console import budget_bar, continue_command, interruptible, quiet_logs
+from pwopsd.folders import check_output_dir, check_same_settings, read_jsonl, saved_lines, start_output_dir
+from pwopsd.grading import GRADING_RULES, stable_seed  # stable_seed: 31-bit seed from parts, the same in every process and run
 
 PROG = "diagnose.py"
 # Orientation of every score, fixed before any data is seen: +1 = higher score -> "reliable" predicted,
@@ -111,7 +111,7 @@ ORIENTATION = {
 EXPERIMENT_FLAGS = ("model", "dataset", "dataset_split", "problem_field", "solution_field", "answer_field",
                     "spines_per_problem", "positions_per_spine", "alternatives", "continuations", "max_new_tokens",
                     "max_prompt_length", "rollout_temperature", "top_p", "top_k", "score_temperature", "temperature",
-                    "clip", "branch_budget", "student_thinking", "teacher_thinking", "seed")
+                    "clip", "branch_budget", "student_thinking", "teacher_thinking", "seed", "grading")
 # What a run writes into --output_dir (all that --overwrite_output_dir true deletes).
 RUN_FILES = ("config.json", "spines.jsonl", "branches.jsonl", "positions.jsonl", "summary.json", "roc.png",
              "viability_vs_position.png")
@@ -145,6 +145,9 @@ class Args:
     teacher_thinking: bool = arg(True, "chat-template thinking mode of the teacher prompt")
     label: str = arg("top1", "top1: viability(teacher top-1) >= threshold; teacher_mass: p_T-weighted mean "
                              "viability >= threshold", choices=("top1", "teacher_mass"))
+    grading: str = arg("strict", "grading rule of spines and continuations: strict = the answer after </think>, a "
+                                 "truncated response has none; authors = the last box anywhere (docs/grading_rules.md)",
+                       choices=GRADING_RULES)
     threshold: float = arg(0.5, "a position is reliable iff its viability (see --label) >= this", check="in [0, 1]")
     bootstrap: int = arg(1000, "cluster-bootstrap resamples (problems with replacement)", check=">= 0")
     min_class_count: int = arg(5, "fewer positions in a class -> every AUROC undefined")
@@ -302,7 +305,9 @@ def run_branches(jobs: list[dict], generate, tokenizer, eos_ids: list[int], grad
         by_key = {j["key"]: c for j, c in zip(live, conts)}
         for j in chunk:
             samples = by_key.get(j["key"], [[] for _ in range(n)])
-            graded = [grade(tokenizer.decode(j["prefix"] + c, skip_special_tokens=True), j["answer"]) for c in samples]
+            # truncated: the response (prefix + continuation) does not end at a stop token
+            graded = [grade(tokenizer.decode(j["prefix"] + c, skip_special_tokens=True), j["answer"],
+                            truncated=(j["prefix"] + c)[-1] not in eos_ids) for c in samples]
             write({**j["record"], "correct": [bool(c) for _, c in graded], "extracted": [e for e, _ in graded],
                    "continuation_tokens": [len(c) for c in samples],
                    "viability": sum(c for _, c in graded) / len(graded)})
@@ -502,14 +507,20 @@ def load_inputs(args: Args):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     tok, path = load_tokenizer(args.model, what=f"{PROG}: --model {args.model}", hint=HINT_MODEL)
+    # A prompt and a full response (a branch's: up to twice --max_new_tokens with --branch_budget fresh) must fit
+    # the model's context: checked before the model loads; longer prompts are skipped and counted below.
+    budget = args.max_new_tokens * (2 if args.branch_budget == "fresh" else 1)
+    limit, room = prompt_limit(PROG, args.max_prompt_length, budget, model_context(path, tokenizer=tok),
+                               f"--max_new_tokens {args.max_new_tokens} (--branch_budget {args.branch_budget}: {budget} "
+                               f"response tokens)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype)).to(device).eval()
     if args.alternatives > lm_head_weight(model).shape[0]:
         fail(PROG, f"--alternatives {args.alternatives} exceeds the vocabulary ({lm_head_weight(model).shape[0]})")
-    chosen, skipped = render_problems(tok, problems, args.max_prompt_length, student_thinking=args.student_thinking,
+    chosen, skipped = render_problems(tok, problems, limit, student_thinking=args.student_thinking,
                                       teacher_thinking=args.teacher_thinking, limit=args.num_problems)
     if skipped:
-        print(f"[diagnose] skipped {skipped} problem(s) whose prompt exceeds --max_prompt_length {args.max_prompt_length}")
+        print(f"[diagnose] skipped {skipped} problem(s) whose prompt exceeds --max_prompt_length {args.max_prompt_length}{room}")
     if len(chosen) < args.num_problems:
         print(f"[diagnose] only {len(chosen)} usable problems (asked for {args.num_problems})")
     return chosen, tok, model, path
@@ -567,7 +578,8 @@ def score_positions(args: Args, new_spines: list[tuple], spines: dict, model, to
     with open(path, "a") as f:
         for r, k, ids in tqdm(new_spines, desc="scores", unit="spine", dynamic_ncols=True, smoothing=0, leave=False):
             ids = ids or [stop_ids[0]]  # defensive (every backend returns >= 1 token): an empty spine has no positions
-            extracted, correct = grade(tok.decode(ids, skip_special_tokens=True), r["answer"])
+            extracted, correct = grade(tok.decode(ids, skip_special_tokens=True), r["answer"],
+                                       truncated=ids[-1] not in stop_ids, rule=args.grading)
             rng = random.Random(f"{args.seed}|positions|{r['id']}|{k}")
             rec = {"problem_id": r["id"], "spine": k, "completion_ids": ids, "length": len(ids),
                    "truncated": ids[-1] not in stop_ids, "extracted": extracted, "correct": bool(correct),
@@ -619,7 +631,8 @@ def branches_stage(args: Args, chosen: list[dict], spines: dict, generate, tok, 
             def write(line):
                 f.write(json.dumps(line) + "\n")
                 f.flush()
-            run_branches(jobs, generate, tok, stop_ids, grade, args.continuations, args.branch_batch, write, bar)
+            graded_by = lambda text, answer, truncated: grade(text, answer, truncated=truncated, rule=args.grading)
+            run_branches(jobs, generate, tok, stop_ids, graded_by, args.continuations, args.branch_batch, write, bar)
     return {branch_key(b): b for b in read_jsonl(path)}
 
 
@@ -682,6 +695,7 @@ def report(summary: dict, positions: list[dict], out: Path, wall: dict):
 # ==================================================================================================
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    INTERRUPTED["out"] = Path(args.output_dir)
     quiet_logs(args.verbose)
     t_start, wall = time.time(), {}
     chosen, tok, model, path = load_inputs(args)
@@ -712,5 +726,20 @@ def main(argv=None) -> dict:
     return summary
 
 
+INTERRUPTED = {}  # the output folder of the run in progress, for interrupted_line
+
+
+def interrupted_line(argv=None) -> str:
+    """After Ctrl-C (``console.interruptible``): the spines and branches on disk and the command that continues."""
+    again = continue_command(PROG, argv, drop=("--overwrite_output_dir",))
+    out = INTERRUPTED.get("out")
+    counts = {f: saved_lines(out / f) for f in ("spines.jsonl", "branches.jsonl") if out is not None and (out / f).is_file()}
+    if not counts:
+        return f"nothing was saved yet; run again with: {again}"
+    saved = ", ".join(f"{n} lines of {out / f}" for f, n in counts.items())
+    return f"{saved} are saved; continue with the same command: {again}"
+
+
+cli = interruptible(main, PROG, interrupted_line)  # main with a one-line Ctrl-C
 if __name__ == "__main__":
-    main()
+    cli()

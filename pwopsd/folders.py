@@ -152,7 +152,8 @@ MAY_CHANGE_ON_RESUME = ("max_steps", "save_steps", "output_dir", "resume_from_ch
                         "loss_impl", "loss_chunk_size", "gpu_memory_utilization", "kv_cache_gib", "trust_remote_code",
                         # evaluation during training reads the policy, it does not change it
                         "eval_steps", "eval_benchmarks", "eval_n", "eval_limit", "eval_temperature", "eval_top_p",
-                        "eval_max_new_tokens", "eval_thinking")
+                        "eval_max_new_tokens", "eval_thinking",
+                        "grading")  # the metrics' grading rule: what is logged, not what is trained
 
 
 def check_run_folder(args) -> str | None:
@@ -168,9 +169,12 @@ def check_run_folder(args) -> str | None:
         shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
         fail(PROG, f"--output_dir {args.output_dir} holds another run ({shown}): continue it with "
                    f"--resume_from_checkpoint latest, clear it with --overwrite_output_dir true, or use another --output_dir")
-    checkpoint = latest_checkpoint(args.output_dir) if resume == "latest" else resume
+    checkpoint = loadable_checkpoint(args.output_dir) if resume == "latest" else resume
     if checkpoint is None:
         return None
+    if resume != "latest" and (problem := damaged_file(checkpoint)) is not None:
+        fail(PROG, f"--resume_from_checkpoint {checkpoint}: {problem}; resume from another checkpoint "
+                   f"(--resume_from_checkpoint latest takes the newest loadable one)")
     if not (Path(checkpoint) / "trainer_state.json").is_file():
         fail(PROG, f"--resume_from_checkpoint {checkpoint}: no trainer_state.json (not a complete checkpoint)")
     if existing and Path(checkpoint).resolve().parent != Path(args.output_dir).resolve():
@@ -223,6 +227,62 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
+def damaged_file(folder) -> str | None:
+    """``"<file> is <what is wrong>"`` for the first file of a checkpoint or model ``folder`` that cannot be loaded,
+    else None. Cheap checks only (headers, sizes, zip directories, JSON), no tensor is read: ``*.safetensors`` --
+    header readable and the file as long as its tensors need (a half-written copy is shorter); ``*.bin`` / ``*.pt`` /
+    ``*.pth`` / ``*.pkl`` -- not empty, and a torch zip archive whose directory (at its end) is readable; ``*.json``
+    -- valid JSON. Outside damage only (a copy, a full disk, a sync tool): the project's own saves are atomic."""
+    import struct
+    import zipfile
+
+    for path in sorted(Path(folder).rglob("*")):
+        if not path.is_file():
+            continue
+        name, size = str(path.relative_to(folder)), path.stat().st_size
+        try:
+            if path.suffix == ".safetensors":
+                with open(path, "rb") as f:
+                    head = f.read(8)
+                    n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+                    header = json.loads(f.read(n)) if n is not None and 8 + n <= size else None
+                if header is None:
+                    return f"{name} is cut short (incomplete header, {size} bytes)"
+                end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] or [0])
+                if 8 + n + end > size:
+                    return f"{name} is cut short ({size} of {8 + n + end} bytes)"
+            elif path.suffix in (".bin", ".pt", ".pth", ".pkl"):
+                if size == 0:
+                    return f"{name} is empty"
+                with open(path, "rb") as f:
+                    zipped = f.read(2) == b"PK"
+                if zipped:
+                    zipfile.ZipFile(path).close()  # reads the directory at the end: a truncated archive has none
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error, zipfile.BadZipFile) as e:
+            return f"{name} is unreadable ({(str(e).strip() or type(e).__name__).splitlines()[0]})"
+    return None
+
+
+def loadable_checkpoint(output_dir: str, say=None) -> str | None:
+    """The newest complete checkpoint of ``output_dir`` whose files load (``damaged_file``); each damaged newer one
+    is skipped with a line through ``say``. None when there is no checkpoint; exits with one line when every one is
+    damaged (nothing is deleted: starting over is the user's choice)."""
+    done = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+                   and (p / "trainer_state.json").is_file()), key=lambda p: -int(p.name.split("-")[-1]))
+    for ckpt in done:
+        problem = damaged_file(ckpt)
+        if problem is None:
+            return str(ckpt)
+        if say is not None:
+            say(f"[train] --resume_from_checkpoint latest: skipping {ckpt}: {problem}")
+    if done:
+        fail(PROG, f"--resume_from_checkpoint latest: every checkpoint in {output_dir} is damaged (the newest, {done[0]}: "
+                   f"{damaged_file(done[0])}); start over with --overwrite_output_dir true")
+    return None
+
+
 def save_checkpoint(accelerator, model, args, step: int, ema: list | None = None):
     """``<output_dir>/checkpoint-<step>/``: accelerate's state (trainable weights, optimizer, scheduler, RNG), the
     student as a peft adapter (``adapter/``) or model, ``trainer_state.json``, and with ``ema`` the EMA teacher
@@ -247,12 +307,23 @@ def save_checkpoint(accelerator, model, args, step: int, ema: list | None = None
     accelerator.wait_for_everyone()
 
 
-def run_summary(args, start_step: int, seconds: float) -> str:
-    """The last console line: the steps run, the wall time and what the output folder now holds."""
+def run_summary(args, start_step: int, seconds: float, build_seconds: float = 0.0) -> str:
+    """The last console line: the steps run, the wall time (``build_seconds``, the warm start's build, apart) and
+    what the output folder now holds."""
     out = Path(args.output_dir)
     ckpts = sorted((p.name for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()), key=lambda n: int(n[11:]))
     files = ckpts + ["metrics.jsonl"] + [f"{name}/ ({what})" for name, what in (("eval", "evaluations"), ("pw-opsd", "tracker logs"))
                                          if (out / name).is_dir()]
     steps = f"steps {start_step + 1}-{args.max_steps}" if start_step < args.max_steps else f"no step after {start_step}"
-    took = f"{int(seconds // 60)} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.0f} s"
-    return f"[train] {steps} done in {took}; {out}: {', '.join(files)}"
+    def took(s):
+        return f"{int(s // 60)} min {s % 60:.0f} s" if s >= 60 else f"{s:.0f} s"
+
+    build = f" (+ {took(build_seconds)} building the warm start --model {args.model} once)" if build_seconds else ""
+    return f"[train] {steps} done in {took(seconds)}{build}; {out}: {', '.join(files)}"
+
+
+def saved_lines(path) -> int:
+    """Lines of a jsonl file written line by line (0 when there is none): what a Ctrl-C line says is saved."""
+    path = Path(path)
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
+

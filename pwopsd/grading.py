@@ -3,15 +3,17 @@
 What the grader accepts
 -----------------------
 The **final answer** is the content of the response's last ``\\boxed{...}`` (or ``\\fbox{...}``, or
-``\\boxed 5``). Boxes directly before it that are joined to it only by a connector -- ``,``, ``;``, ``and``,
-``or``, layout such as ``$``/``\\quad``, optionally a label like ``y =`` -- belong to the same answer, which
-is then the set of their contents (``\\boxed{3} and \\boxed{5}`` answers ``3, 5``). A box followed by more
-prose and another box was revised, and only the later one counts (``\\boxed{4} ... no, \\boxed{3}`` answers
-``3``). A response whose last box is not closed (cut off at the token budget) has **no** answer, even if an
-earlier box is complete; no box or an empty box is also wrong. The answer is compared with the reference
-(a bare answer, or GSM8K's ``... #### N``) by math-verify: both are parsed with its boxed-priority LaTeX
-extraction and compared with ``verify`` (fractions, decimals, ``\\dfrac``, percentages, ``\\sqrt``, sets
-in any order, tuples, intervals, matrices, ``x = 5`` vs ``5``, algebraically equal expressions). On top:
+``\\boxed 5`` -- a bare number; the word ``\\boxed`` in prose is no answer). Boxes directly before it that are joined to
+it only by a connector -- ``,``, ``;``, ``and``, ``or``, layout such as ``$``/``\\quad``, optionally a label
+like ``y =`` -- belong to the same answer, which is then the set of their contents (``\\boxed{3} and
+\\boxed{5}`` answers ``3, 5``). A box followed by more prose and another box was revised, and only the later
+one counts (``\\boxed{4} ... no, \\boxed{3}`` answers ``3``). A response whose last box is not closed (cut off
+at the token budget) has **no** answer, even if an earlier box is complete; no box or an empty box is also
+wrong. Which part of the response is searched is the grading rule (``GRADING_RULES``): the text after
+``</think>`` of an untruncated response (strict), or the whole text (the authors'). The answer is compared
+with the reference (a bare answer, or GSM8K's ``... #### N``) by math-verify: both are parsed with its
+boxed-priority LaTeX extraction and compared with ``verify`` (fractions, decimals, ``\\dfrac``, percentages,
+``\\sqrt``, sets in any order, tuples, intervals, matrices, ``x = 5`` vs ``5``, algebraically equal expressions). On top:
   * **intervals and inequalities** are compared in both directions: ``x > 2`` and ``(2, \\infty)`` are the
     same answer whichever is the reference; ``x < -1 or x > 3`` equals ``(-\\infty,-1) \\cup (3,\\infty)``;
   * **numbers are compared relatively**: exact forms (integers, fractions, powers, factorials, surds)
@@ -60,9 +62,9 @@ _BOX = re.compile(r"\\(?:boxed|fbox)\b")
 
 def boxes(text: str) -> list[tuple[int, int, str | None]]:
     """``(start, end, content)`` of each top-level ``\\boxed{...}`` / ``\\fbox{...}`` of ``text`` in order,
-    nested braces handled; ``\\boxed 5`` (no braces) gives ``"5"``. ``content`` is ``None`` for an unclosed
-    box, which then runs to the end of ``text`` (so it is the last). The one box scanner of the project:
-    ``last_boxed`` for reference solutions, ``extract_answer`` for responses."""
+    nested braces handled; ``\\boxed 5`` (no braces: a number only) gives ``"5"``, ``\\boxed form`` nothing.
+    ``content`` is ``None`` for an unclosed box, which then runs to the end of ``text`` (so it is the last). The one
+    box scanner of the project: ``last_boxed`` for reference solutions, ``extract_answer`` for responses."""
     out, pos = [], 0
     while (m := _BOX.search(text, pos)) is not None:
         i = m.end()
@@ -80,7 +82,8 @@ def boxes(text: str) -> list[tuple[int, int, str | None]]:
                 out.append((m.start(), len(text), None))
                 break
             continue
-        bare = re.match(r"[^\s$\\]+", text[i:]) if i > m.end() else None  # "\boxed 5"
+        # "\boxed 5": a bare number only -- the word "\boxed" in prose ("in \boxed form") is not an answer
+        bare = re.match(r"-?\d[\d,]*(?:\.\d+)?(?![^\s$\\.,;])", text[i:]) if i > m.end() else None
         if bare:
             out.append((m.start(), i + bare.end(), bare.group(0).rstrip(".,;")))
             pos = i + bare.end()
@@ -393,7 +396,33 @@ def _equivalent(gold: str, pred: str, timeout: float) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------------
-def grade(response: str, reference: str, timeout: int = 5) -> tuple[str | None, bool]:
+# Which part of a response the answer is read from (docs/grading_rules.md):
+#   strict  -- the text after the thinking closes (the last ``</think>``); a truncated response, or one whose
+#              ``<think>`` never closes, has no answer. Training's ``correct`` and diagnose.py's labels use it.
+#   authors -- the last box anywhere in the text, truncated or not, as the PW-OPSD authors' evaluation does
+#              (its eval/evaluate_math.py); needed to reproduce the paper's numbers (configs/eval-paper.yaml).
+GRADING_RULES = ("strict", "authors")
+
+
+def answer_text(response: str, truncated: bool = False, rule: str = "strict") -> str | None:
+    """The part of ``response`` its final answer is read from under ``rule`` (``GRADING_RULES``), or None
+    when it has none (strict: truncated, or thinking opened and never closed). Raises ValueError on an
+    unknown rule."""
+    if rule not in GRADING_RULES:
+        raise ValueError(f"grading rule must be one of {', '.join(GRADING_RULES)} (got {rule!r})")
+    response = response or ""
+    if rule == "authors":
+        return response
+    if truncated:
+        return None
+    _, closed, after = response.rpartition("</think>")
+    if closed:
+        return after
+    return None if "<think>" in response else response
+
+
+def grade(response: str, reference: str, timeout: int = 5, *, truncated: bool = False,
+          rule: str = "strict") -> tuple[str | None, bool]:
     """Grade one response against a reference answer (the rules are in the module docstring).
 
     Args:
@@ -401,18 +430,24 @@ def grade(response: str, reference: str, timeout: int = 5) -> tuple[str | None, 
         reference: a bare answer (``"\\frac{1}{2}"``, ``"72"``) or a GSM8K answer ending in ``#### 72``.
         timeout: wall-clock seconds for the comparison, from any thread; over time = wrong (and counted
             in ``STATS["timeouts"]``).
+        truncated: the response hit its token budget without a stop token (``Rollout.truncated``).
+        rule: ``"strict"`` (answer after ``</think>``; truncated = no answer) or ``"authors"`` (last box
+            anywhere), see ``answer_text``.
     Returns:
         ``(extracted answer or None, correct)``. No box, an unclosed last box or an empty box is
         ``(None | "", False)``.
     Raises:
-        ValueError: empty reference, or ``timeout <= 0``.
+        ValueError: empty reference, ``timeout <= 0`` or an unknown rule.
     """
     if reference is None or not str(reference).strip():
         raise ValueError("grade: empty reference answer")
     reference = str(reference)
     if "####" in reference:
         reference = split_gsm8k(reference)[1]
-    answer = extract_answer(response)
+    text = answer_text(response, truncated, rule)
+    if text is None:
+        return None, False
+    answer = extract_answer(text)
     if answer is None or not answer.strip():
         return answer, False
     return answer, _equivalent(reference, answer, timeout)

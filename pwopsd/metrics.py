@@ -26,13 +26,13 @@ def per_rollout(batch: list[dict], rollouts: list) -> list[dict]:
 
 def step_metrics(run, batch, rollouts, out: dict, grad_norm, times: dict, step: int) -> dict:
     """The step's metrics over all processes: loss, position weights, lengths, truncated / boxed / correct
-    fractions (graded by math-verify), gradient norm, lr, throughput, and the method's diagnostics."""
+    fractions (graded by math-verify under ``--grading``), gradient norm, lr, throughput, and the method's diagnostics."""
     from pwopsd import grading  # the grader (math-verify), for the boxed / correct rates
 
     acc, w = run.accelerator, out["weights"]
     texts = run.tok.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
-    graded = [grading.grade(t, b["answer"]) if b["answer"] else (grading.extract_answer(t), False)
-              for t, b in zip(texts, per_rollout(batch, rollouts))]
+    graded = [grading.grade(t, b["answer"], truncated=r.truncated, rule=run.args.grading) if b["answer"]
+              else (grading.extract_answer(t), False) for t, b, r in zip(texts, per_rollout(batch, rollouts), rollouts)]
     sums = reduce_sums(acc, {"rollouts": len(rollouts), "truncated": sum(r.truncated for r in rollouts),
                              "boxed": sum(a is not None for a, _ in graded), "correct": sum(c for _, c in graded),
                              "weight_sum": w.sum().item(), "weights": w.numel()})

@@ -19,7 +19,7 @@ def _read_rows(source: str, split: str) -> list[dict]:
         if not path.is_file():
             raise FileNotFoundError(f"{source}: no such file")
         if path.suffix == ".jsonl":
-            with open(path) as f:
+            with open(path, encoding="utf-8-sig") as f:  # -sig: a leading UTF-8 BOM (Windows editors) is dropped
                 rows = []
                 for i, line in enumerate(f, 1):
                     if line.strip():
@@ -29,7 +29,7 @@ def _read_rows(source: str, split: str) -> list[dict]:
                             raise ValueError(f"{source}:{i}: not valid JSON ({e.msg})") from None
                 return rows
         if path.suffix == ".json":
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
                 data = data.get(split) or data.get("data") or next(iter(data.values()))
             if not isinstance(data, list):
@@ -97,3 +97,15 @@ def _pick(columns, wanted: str | None, candidates, what: str, source: str, requi
         raise KeyError(f"{source}: no {what} field (tried {', '.join(candidates)}; set {flag}); "
                        f"columns are {sorted(columns)}")
     return None
+
+
+def no_usable_records(source: str, n: int, empty: dict, fields: dict, answer_fields=()) -> str:
+    """The one-line error of a source none of whose ``n`` records is usable, naming the field that was empty in
+    most of them (``empty``: field -> count) and the column it was read from (``fields``: field -> column or None),
+    or that there is no answer column (``answer_fields``: the columns tried)."""
+    what = max(empty, key=empty.get)
+    if what == "answer" and fields["answer"] is None:
+        return (f"{source}: no usable records: none of the {n} has an answer -- there is no answer column (tried "
+                f"{', '.join(answer_fields)}) and the solutions hold no \\boxed{{}}; set --answer_field")
+    column = f"column {fields[what]!r}" if fields[what] else f"no {what} column"
+    return f"{source}: no usable records: the {what} is empty in {empty[what]} of the {n} ({column}; set --{what}_field)"

@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 
 import pwopsd.engine as engines
-from pwopsd.cli import fail, resolve_dtype
+from pwopsd.cli import fail, model_context, prompt_limit, resolve_dtype
+from pwopsd.console import continue_command
+from pwopsd.demo import BUILD_SECONDS
 from pwopsd.distributed import build_accelerator, find_checkpoint
 from pwopsd.ema import EMA_ADAPTER, add_ema_teacher, ema_state, load_ema_teacher
 from pwopsd.engine import lm_head_weight
-from pwopsd.folders import TRAIN_RUN_FILES, check_run_folder, clear_output_dir, trim_metrics
+from pwopsd.folders import TRAIN_RUN_FILES, check_run_folder, clear_output_dir, latest_checkpoint, trim_metrics
 
 PROG = "train.py"
 
@@ -48,6 +50,7 @@ class Run:
     teacher_adapter: str | None = None        # --teacher ema: the peft adapter the teacher pass switches to
     ema: list | None = None                   # --teacher ema: (name, EMA param, student param, fp32 master) per LoRA tensor
     eval_benchmarks: dict | None = None       # --eval_steps: {label: problems} of the held-out benchmarks
+    build_seconds: float = 0.0                # the warm start --model built by setup (the last line reports it apart)
 
 
 def setup(args, method, build_prompts, load_eval_benchmarks) -> Run:
@@ -59,8 +62,10 @@ def setup(args, method, build_prompts, load_eval_benchmarks) -> Run:
     accelerator, grad_accum = build_accelerator(args)
     resume = find_checkpoint(args, accelerator)
     set_seed(args.seed)
+    # Every input first: a bad benchmark file fails before a warm start is built (resolve_model, minutes on CPU).
+    eval_benchmarks = load_eval_benchmarks(args) if args.eval_steps else None
+    built = sum(BUILD_SECONDS.values())
     tok, data, model_path = build_prompts(args, accelerator)
-    eval_benchmarks = load_eval_benchmarks(args) if args.eval_steps else None  # a bad file fails before the model loads
     if resume and args.teacher == "ema" and not (Path(resume) / "ema_adapter").is_dir():
         fail(PROG, f"--teacher ema: {resume} has no ema_adapter/ (it was trained with --teacher base)")
     model, frozen_teacher, optimizer, scheduler = build_student_teacher(args, accelerator, model_path)
@@ -82,7 +87,7 @@ def setup(args, method, build_prompts, load_eval_benchmarks) -> Run:
               teacher_head=student_head if frozen_teacher is None else lm_head_weight(frozen_teacher))
     if args.teacher == "ema":
         run.teacher_adapter, run.ema = EMA_ADAPTER, ema_state(accelerator.unwrap_model(model))
-    run.eval_benchmarks = eval_benchmarks
+    run.eval_benchmarks, run.build_seconds = eval_benchmarks, sum(BUILD_SECONDS.values()) - built
     if resume:
         run.start_step = resume_from(run, resume)
     elif args.resume_from_checkpoint and accelerator.is_main_process:  # "latest", none found: restart from step 0
@@ -147,11 +152,12 @@ def build_engine(args, accelerator, model, tok, model_path: str) -> engines.Engi
     policy = accelerator.unwrap_model(model)
     if engines.resolve_backend(args.rollout_backend) == "hf":
         return engines.make_engine("hf", model=policy, tokenizer=tok)
-    # The context also holds the evaluation's longer responses when --eval_max_new_tokens asks for them.
-    new_tokens = max(args.max_new_tokens, (args.eval_max_new_tokens or 0) if args.eval_steps else 0)
+    # The context also holds the evaluation's longer responses when --eval_max_new_tokens asks for them; never more
+    # than the model's (prompt_room kept only prompts that fit it).
+    new_tokens, context = response_budget(args), model_context(model_path, args.trust_remote_code, tok)
     adapter = engines.sync_mode(args.vllm_sync, policy) == "adapter"  # LoRA in bf16: merged weights would round the update away
     accelerator.print(f"[train] vLLM weight sync: {'the LoRA adapter' if adapter else 'merged weights'} (--vllm_sync {args.vllm_sync})")
-    return engines.make_engine("vllm", model_path, model=policy, tokenizer=tok, max_model_len=args.max_prompt_length + new_tokens,
+    return engines.make_engine("vllm", model_path, model=policy, tokenizer=tok, max_model_len=min(args.max_prompt_length + new_tokens, context or 1 << 30),
                          seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
                          colocated=True, accelerator=accelerator, trust_remote_code=args.trust_remote_code,
                          lora_rank=args.lora_r if adapter else None)
@@ -162,7 +168,11 @@ def resume_from(run, checkpoint: str) -> int:
     ``metrics.jsonl`` to the checkpoint's step. Returns that step."""
     acc = run.accelerator
     # The checkpoint holds only the trainable weights: load non-strictly (DeepSpeed names the flag differently).
-    acc.load_state(checkpoint, **({"load_module_strict": False} if acc.state.deepspeed_plugin is not None else {"strict": False}))
+    try:
+        acc.load_state(checkpoint, **({"load_module_strict": False} if acc.state.deepspeed_plugin is not None else {"strict": False}))
+    except Exception as e:  # damage damaged_file's cheap checks cannot see (e.g. a corrupt pickle inside a whole archive)
+        fail(PROG, f"--resume_from_checkpoint {checkpoint}: cannot load it ({type(e).__name__}: "
+                   f"{(str(e).strip() or '-').splitlines()[0]}); resume from another checkpoint")
     step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["step"]
     if run.ema is not None:  # not a trainable tensor, so not in accelerate's state: restored from its own file
         load_ema_teacher(run.ema, Path(checkpoint) / "ema_adapter")
@@ -200,6 +210,7 @@ def check_args(args, method, reference_targets):
         if not ok:
             fail(PROG, msg)
     check_run_folder(args)
+    INTERRUPTED["args"] = args  # the run in progress, for its Ctrl-C line (interrupted_line)
 
 
 def load_dataset(args, load_problems) -> list[dict]:
@@ -215,3 +226,33 @@ def load_dataset(args, load_problems) -> list[dict]:
         fail(PROG, f"--dataset {args.dataset}: {e}")
     except OSError as e:
         fail(PROG, f"--dataset {args.dataset}: cannot load ({str(e).splitlines()[0]}). Offline? Try --config configs/demo.yaml")
+
+
+def response_budget(args) -> int:
+    """The longest response the run samples: ``--max_new_tokens``, or ``--eval_max_new_tokens`` when larger."""
+    return max(args.max_new_tokens, (args.eval_max_new_tokens or 0) if args.eval_steps else 0)
+
+
+def prompt_room(args, model_path: str, tok) -> tuple[int, str]:
+    """``(longest prompt kept, note for the skipped line)``: ``--max_prompt_length``, lowered so that a prompt and a
+    full response (``response_budget``) fit the model's context (``cli.prompt_limit``). Exits with one line when the
+    response budget alone fills the context."""
+    budget = response_budget(args)
+    flags = "--eval_max_new_tokens" if budget > args.max_new_tokens else "--max_new_tokens"
+    return prompt_limit(PROG, args.max_prompt_length, budget, model_context(model_path, args.trust_remote_code, tok),
+                        f"{flags} {budget}", f" (max_position_embeddings of --model {args.model})")
+
+
+INTERRUPTED = {}  # the parsed arguments of the run in progress (set by check_args), for interrupted_line
+
+
+def interrupted_line(argv=None) -> str:
+    """After Ctrl-C (``console.interruptible``): the checkpoint on disk and the command that continues from it."""
+    again = continue_command(PROG, argv, drop=("--resume_from_checkpoint", "--overwrite_output_dir"),
+                             add=("--resume_from_checkpoint", "latest"))
+    args = INTERRUPTED.get("args")
+    if args is None:
+        return f"nothing was saved; run again with: {continue_command(PROG, argv)}"
+    ckpt = latest_checkpoint(args.output_dir)
+    saved = f"the last checkpoint is {ckpt}" if ckpt else f"no checkpoint was saved yet in {args.output_dir}"
+    return f"{saved}; continue with: {again}"

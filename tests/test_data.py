@@ -331,3 +331,39 @@ def test_a_config_that_is_not_yaml_is_one_line(tmp_path):
     bad.write_text("max_steps: [3\n")
     message = _error(["--config", str(bad)])
     assert message.startswith(f"x.py: --config {bad}: not valid YAML (line 2, column 1)") and "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 26, item 6: a missing answer column is named; a UTF-8 BOM is read; a leading instruction is removed
+# ---------------------------------------------------------------------------------------------------------
+def test_no_answer_column_is_named(tmp_path):
+    path = tmp_path / "noanswer.jsonl"
+    path.write_text("".join(json.dumps({"problem": f"q{i}", "solution": "no box here"}) + "\n" for i in range(4)))
+    with pytest.raises(ValueError, match=r"none of the 4 has an answer -- there is no answer column \(tried answer, "
+                                         r"Answer.*set --answer_field$"):
+        load_problems(str(path), require_answer=True, verbose=False)
+    path.write_text("".join(json.dumps({"problem": "", "solution": "s", "answer": "1"}) + "\n" for _ in range(3)))
+    with pytest.raises(ValueError, match=r"the problem is empty in 3 of the 3 \(column 'problem'; set --problem_field\)"):
+        load_problems(str(path), verbose=False)
+
+
+def test_utf8_bom_files_are_read(tmp_path):
+    row = {"problem": "What is 2+3?", "solution": "2+3=5", "answer": "5"}
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps(row) + "\n").encode())
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([row]).encode())
+    for name in ("bom.jsonl", "bom.json"):
+        (rec,) = load_problems(str(tmp_path / name), verbose=False)
+        assert (rec["problem"], rec["answer"]) == ("What is 2+3?", "5")
+
+
+def test_default_training_set_format_states_the_instruction_once():
+    """The default training set's problems begin with OpenThoughts' "Return your final response within
+    \\boxed{}." (fixture row in its layout, see tests/fixtures/README.md); the prompt states ours once."""
+    from rollout import INSTRUCTION, problem_message
+
+    recs = load_problems(str(FIXTURES / "openthoughts_opsd_format.jsonl"), verbose=False)
+    assert [r["answer"] for r in recs] == ["50", "2"]  # its "Answer" column
+    assert recs[0]["problem"].startswith("Return your final response within \\boxed{}.")
+    message = problem_message(recs[0]["problem"])
+    assert message == f"Problem: A rectangle has perimeter $30$ and its length is twice its width. Find its area.\n\n{INSTRUCTION}"
+    assert message.count("\\boxed{}") == 1

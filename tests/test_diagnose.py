@@ -72,7 +72,7 @@ def test_forcing_puts_the_alternative_at_position_t():
                      "prefix": spine[:index] + [token], "budget": budget, "seed": index, "answer": "5",
                      "record": {"index": index, "token": token}})
     lines = []
-    D.run_branches(jobs, fake_generate, _Decode(), [eos], lambda text, ref: (None, False), n=3, batch=2,
+    D.run_branches(jobs, fake_generate, _Decode(), [eos], lambda text, ref, truncated=False: (None, False), n=3, batch=2,
                    write=lines.append)
     inputs = [p for call in seen for p in call[0]]
     # EOS forced (index 3) and zero budget (index 1) are graded on their prefix, never sampled
@@ -416,3 +416,58 @@ def test_plots_keep_legend_and_counts_off_the_data(tmp_path):
         assert len(labels) == n_labels and not any(b.overlaps(d) for b in labels for d in data + [legend])
         D._pyplot().close(fig)
     assert len(ax.lines) == 1 + len(D.ORIENTATION)  # the ROC plot (last) draws chance and every score
+
+
+def test_branches_are_graded_with_their_truncation(monkeypatch):
+    """Issue 26 item 1: a continuation cut off at its budget after a box is no answer under the strict rule
+    (the default), so it does not make a position viable; --grading authors counts it."""
+    from pwopsd import grading as G
+
+    eos = 2
+    words = {7: "\\boxed{5}", 8: " wait,", eos: ""}
+
+    class Dec:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(words[i] for i in ids)
+
+    def fake_generate(prompts, budgets, n, seeds, progress=None):  # one finished, one cut off after the box
+        return [[[8, eos], [8, 8]] for _ in prompts]
+
+    job = {"key": 0, "prompt": [1, 7], "prefix": [7], "budget": 2, "seed": 0, "answer": "5", "record": {}}
+    for rule, correct in (("strict", [True, False]), ("authors", [True, True])):
+        lines = []
+        D.run_branches([job], fake_generate, Dec(), [eos],
+                       lambda text, ref, truncated: G.grade(text, ref, truncated=truncated, rule=rule), 2, 1, lines.append)
+        assert lines[0]["correct"] == correct, rule
+    assert D.parse_args(["--grading", "authors"]).grading == "authors" and D.parse_args([]).grading == "strict"
+
+
+def test_a_response_budget_over_the_context_is_one_line_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    """Issue 26 item 2 (the tiny model's context: 2048 tokens; --branch_budget fresh doubles the response)."""
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("model loaded"))
+    args = D.parse_args(["--model", tiny_model_dir, "--max_new_tokens", "1024", "--branch_budget", "fresh",
+                         "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=r"--max_new_tokens 1024 \(--branch_budget fresh: 2048 response tokens\) leaves "
+                                         r"no room for a prompt in the model's context of 2048 tokens: lower it$"):
+        D.load_inputs(args)
+
+
+def test_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
+    """Issue 26 item 4: Ctrl-C -> one line naming what is saved and the same command, exit 130."""
+    out = tmp_path / "o"
+
+    def ctrl_c(args):  # two spines written, then Ctrl-C
+        out.mkdir()
+        (out / "spines.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "load_inputs", ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        D.cli(["--output_dir", str(out), "--num_problems", "2"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"diagnose.py: interrupted; 2 lines of {out / 'spines.jsonl'} are saved; continue with the same command: "
+        f"python diagnose.py --output_dir {out} --num_problems 2"]

@@ -167,7 +167,7 @@ def test_main_metrics_from_canned_responses(tiny_model_dir, tmp_path, monkeypatc
     monkeypatch.setattr(E, "sample", fake_sample)
     monkeypatch.setattr(E, "stable_seed", lambda label, seed, start: seed)  # hand the run seed to the fake
     summary = E.main(["--model", tiny_model_dir, "--benchmarks", a, b, "--n", "4", "--seeds", "0", "1",
-                      "--rollout_backend", "hf", "--output_dir", str(tmp_path / "out")])
+                      "--max_new_tokens", "64", "--rollout_backend", "hf", "--output_dir", str(tmp_path / "out")])
     A, B = summary["benchmarks"]["a/test.jsonl"], summary["benchmarks"][f"{tmp_path.name}/b.jsonl"]
     assert A["problems"] == 2 and B["problems"] == 1
     assert A["per_seed"]["0"]["avg@4"] == pytest.approx((1 / 4 + 2 / 4) / 2)
@@ -492,3 +492,89 @@ def test_lora_checkpoint_in_16_bit_merges_in_float32_or_is_served_unmerged(tiny_
     argv[argv.index("hf")] = "vllm"
     E.main(argv)
     assert seen == {"path": tiny_model_dir, "rank": 2, "dtype": "bfloat16", "served": ckpt + "/adapter"}
+
+
+def test_summary_shows_both_grading_rules(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Issue 26 item 1: a sample cut off inside its thinking after a box counts under the authors' rule only."""
+    bench = _write_jsonl(tmp_path / "bench.jsonl", [{"problem": "What is 2+3?", "answer": "5"}])
+    canned = [("<think>2+3 = \\boxed{5}, let me double-check the", True),   # truncated inside <think>
+              ("<think>so \\boxed{5}</think>The answer is 5.", False),      # box only in the thinking
+              ("<think>2+3</think>\\boxed{5}", False),                      # right under both
+              ("<think>hm</think>\\boxed{6}", False)]                       # wrong under both
+
+    def fake_sample(engine, tokenizer, prompts, n, seed, args, progress=None):
+        return [[{"response": r, "num_tokens": 9, "truncated": t} for r, t in canned] for _ in prompts]
+
+    monkeypatch.setattr(E, "sample", fake_sample)
+    argv = ["--model", tiny_model_dir, "--benchmarks", bench, "--n", "4", "--seeds", "0", "--rollout_backend", "hf",
+            "--max_new_tokens", "64"]
+    strict = E.main(argv + ["--output_dir", str(tmp_path / "s")])
+    assert strict["grading"] == "strict" and strict["mean_over_benchmarks"]["mean"]["avg@4"] == 0.25
+    assert strict["by_grading"]["strict"]["mean"]["avg@4"] == 0.25
+    assert strict["by_grading"]["authors"]["mean"]["avg@4"] == 0.75
+    console = capsys.readouterr().out.splitlines()
+    head = next(l for l in console if l.startswith("| benchmark |"))
+    assert "| Avg@4 | Pass@1 | Pass@2 | Pass@4 | Maj@4 | Avg@4 authors rule | mean len |" in head
+    assert next(l for l in console if l.startswith("| mean |")).startswith("| mean |  | 25.0 | 25.0 | 50.0 | 100.0 | 0.0 | 75.0 |")
+    assert console[-1].endswith("the table's metrics are graded by the strict rule, see --grading)")
+    rows = [json.loads(x) for x in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()]
+    assert [r["grades"]["authors"][1] for r in rows] == [True, True, True, False]
+    assert [r["correct"] for r in rows] == [False, False, True, False]
+    # the paper's protocol names the authors' rule; the same samples then report 75 %
+    authors = E.main(argv + ["--output_dir", str(tmp_path / "s"), "--grading", "authors"])
+    assert authors["mean_over_benchmarks"]["mean"]["avg@4"] == 0.75 and authors["by_grading"] == strict["by_grading"]
+    import yaml
+    assert yaml.safe_load(open(E.__file__.replace("evaluate.py", "configs/eval-paper.yaml")))["grading"] == "authors"
+
+
+def test_context_overflow_is_one_line_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    """Issue 26 item 2: the tiny model's context is 2048 tokens; HF used to cap a larger budget silently."""
+    bench = _write_jsonl(tmp_path / "b.jsonl", [{"problem": "What is 2+3?", "answer": "5"}])
+    monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    argv = ["--model", tiny_model_dir, "--benchmarks", bench, "--n", "1", "--seeds", "0", "--rollout_backend", "hf"]
+    with pytest.raises(SystemExit, match=r"--max_new_tokens 100000 \+ the longest prompt \(\d+ tokens, .*b.jsonl\) exceed "
+                                         r"the model's context of 2048 tokens \(max_position_embeddings of --model .*\); "
+                                         r"--max_new_tokens \d+ at most$"):
+        E.main(argv + ["--max_new_tokens", "100000", "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o" / "settings.json").exists()  # nothing recorded
+    with pytest.raises(SystemExit, match=r"--max_model_len 4096 exceeds the model's context of 2048 tokens"):
+        E.check_context(E.parse_args(argv + ["--max_new_tokens", "8", "--max_model_len", "4096",
+                                             "--output_dir", str(tmp_path / "o")]), {"b": [{"problem": "x"}]}, "vllm")
+
+
+def test_a_damaged_checkpoint_is_one_line(tmp_path):
+    """Issue 26 item 3: a half-written adapter file, named with its checkpoint, before anything loads."""
+    import torch
+    from safetensors.torch import save_file
+
+    ck = tmp_path / "checkpoint-5"
+    (ck / "adapter").mkdir(parents=True)
+    (ck / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "x", "r": 4}))
+    save_file({"w": torch.zeros(256)}, str(ck / "adapter" / "adapter_model.safetensors"))
+    whole = (ck / "adapter" / "adapter_model.safetensors").read_bytes()
+    (ck / "adapter" / "adapter_model.safetensors").write_bytes(whole[:100])
+    with pytest.raises(SystemExit, match=rf"^evaluate.py: --model {ck}: adapter/adapter_model.safetensors is cut short "
+                                         r"\(100 of \d+ bytes\)$"):
+        E.main(["--model", str(ck), "--benchmarks", "aime24", "--output_dir", str(tmp_path / "o")])
+
+
+def test_ctrl_c_is_one_line_naming_the_samples_and_the_command(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Issue 26 item 4: Ctrl-C while sampling -> one line on stderr (what is saved, the same command), exit 130."""
+    bench = _write_jsonl(tmp_path / "b.jsonl", [{"problem": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(3)])
+    calls = []
+
+    def fake_sample(engine, tokenizer, prompts, n, seeds, args, progress=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return [[{"response": "\\boxed{0}", "num_tokens": 3, "truncated": False}] * n for _ in prompts]
+
+    monkeypatch.setattr(E, "sample", fake_sample)
+    argv = ["--model", tiny_model_dir, "--benchmarks", bench, "--n", "2", "--seeds", "0", "--max_new_tokens", "8",
+            "--rollout_backend", "hf", "--problems_per_call", "1", "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        E.cli(argv + ["--overwrite_output_dir", "true"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1:] == [
+        f"evaluate.py: interrupted; 2 graded samples are saved in {tmp_path / 'o' / 'samples.jsonl'}; continue with the "
+        f"same command: python evaluate.py {' '.join(argv)}"]

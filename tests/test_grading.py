@@ -320,3 +320,35 @@ def test_a_dead_worker_is_replaced_before_the_next_comparison():
     proc.wait()
     assert G.grade("\\boxed{23}", "23") == ("23", True)
     assert G.STATS["starts"] == starts + 1 and G.STATS["crashes"] == crashes  # noticed before sending
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 26, item 1: which part of a response is graded -- the strict rule and the authors' rule
+# ---------------------------------------------------------------------------------------------------------
+# (response, truncated, strict answer, authors' answer): reference "5" throughout
+RULE_CASES = [
+    ("<think>2+3 = \\boxed{5}, but let me check the carry", True, None, "5"),      # cut off inside <think>
+    ("<think>so \\boxed{5}.</think>\nThe answer is 5.", False, None, "5"),         # box only in the thinking
+    ("2+3: \\boxed{5}. Hmm, wait, let me revise: 2+3 could also", True, None, "5"),  # cut off while revising
+    ("<think>I think it is 5 but", False, None, None),                              # thinking never closed
+    ("<think>maybe \\boxed{4}</think>So \\boxed{5}.", False, "5", "5"),             # the answer after </think>
+    ("2+3 = \\boxed{5}.", False, "5", "5"),                                          # no thinking at all
+]
+
+
+@pytest.mark.parametrize("response,truncated,strict,authors", RULE_CASES)
+def test_grading_rules(response, truncated, strict, authors):
+    assert G.grade(response, "5", truncated=truncated) == (strict, strict == "5")  # strict is the default
+    assert G.grade(response, "5", truncated=truncated, rule="strict") == (strict, strict == "5")
+    assert G.grade(response, "5", truncated=truncated, rule="authors") == (authors, authors == "5")
+
+
+def test_grading_rule_unknown():
+    with pytest.raises(ValueError, match="grading rule"):
+        G.grade("\\boxed{5}", "5", rule="lenient")
+
+
+def test_boxed_word_in_prose_is_no_answer():
+    assert G.grade("I wrote it in \\boxed form, so it is five", "form") == (None, False)
+    assert G.extract_answer("Put it in \\boxed form.") is None
+    assert G.extract_answer("The answer is \\boxed 12.") == "12"  # a bare number still is one

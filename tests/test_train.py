@@ -9,7 +9,9 @@ import pytest
 from conftest import ROOT
 import evaluate
 import pwopsd.engine as engines
+import pwopsd.demo
 import pwopsd.folders
+import pwopsd.run
 
 
 def run_train(*args, env=None, check=True):
@@ -269,3 +271,139 @@ def test_vllm_sync_auto_is_the_adapter_for_a_16_bit_lora_policy(tiny_model_dir, 
         engines.sync_mode("adapter", model(torch.float32, lora=False))
     with pytest.raises(SystemExit, match="--vllm_sync adapter syncs the LoRA adapter: it needs --use_lora true"):
         train.parse_args(tiny_args(tiny_model_dir, str(tmp_path / "o"), vllm_sync="adapter", use_lora="false"))
+
+
+def test_prompts_that_fit_max_prompt_length_but_not_the_context_are_skipped_at_load(tiny_model_dir, tmp_path, capsys):
+    """Issue 26 item 2: the tiny model's context is 2048 tokens. A prompt under --max_prompt_length 2048 that leaves
+    no room for the response is skipped and counted at load (it used to crash the step that drew it); a response
+    budget that fills the context is one line before the model loads."""
+    import train
+
+    data = tmp_path / "d.jsonl"
+    rows = [{"problem": f"What is {i} + {i}?", "solution": f"{i} + {i} = {2 * i}", "answer": str(2 * i)} for i in range(4)]
+    rows.append({"problem": "long " * 1900, "solution": "x", "answer": "1"})  # ~1950 tokens: < 2048, > 2048 - 200
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+
+    class Acc:
+        print = staticmethod(print)
+
+    args = _parse(tiny_args(tiny_model_dir, str(tmp_path / "o"), dataset=data, max_prompt_length=2048, max_new_tokens=200))
+    _, kept, _ = train.build_prompts(args, Acc())
+    assert len(kept) == 4
+    assert ("skipped 1 of 5 problems whose prompt exceeds --max_prompt_length 2048 (here 1848: the model's context of "
+            "2048 tokens less 200 for the response)") in capsys.readouterr().out
+    for flags, message in ([("max_new_tokens", 2048)], "--max_new_tokens 2048 leaves no room"), \
+                          ([("eval_steps", 1), ("eval_max_new_tokens", 4000)], "--eval_max_new_tokens 4000 leaves no room"):
+        args = _parse(tiny_args(tiny_model_dir, str(tmp_path / "o"), dataset=data, **dict(flags)))
+        with pytest.raises(SystemExit, match=f"^train.py: {message} for a prompt in the model's context of 2048 tokens "
+                                             r"\(max_position_embeddings of --model .*\): lower it$"):
+            train.build_prompts(args, Acc())
+
+
+def _damaged_pair(out):
+    """checkpoint-1 (sound) and checkpoint-2 whose model.safetensors a copy cut short, as files accelerate writes."""
+    import torch
+    from safetensors.torch import save_file
+
+    for step in (1, 2):
+        ck = _fake_checkpoint(out, step=step)
+        save_file({"w": torch.arange(64, dtype=torch.float32)}, str(ck / "model.safetensors"))
+        torch.save({"state": {}}, ck / "optimizer.bin")
+    whole = (out / "checkpoint-2" / "model.safetensors").read_bytes()
+    (out / "checkpoint-2" / "model.safetensors").write_bytes(whole[: len(whole) // 2])
+    return out / "checkpoint-1", out / "checkpoint-2"
+
+
+def test_a_damaged_checkpoint_is_one_line_and_latest_skips_it(tmp_path):
+    """Issue 26 item 3: half-written model.safetensors, empty or cut optimizer.bin."""
+    import train
+
+    out = tmp_path / "o"
+    good, bad = _damaged_pair(out)
+    argv = tiny_args("tiny", str(out), max_steps=4)
+    message = _parse_error(argv + ["--resume_from_checkpoint", str(bad)])
+    assert message == (f"train.py: --resume_from_checkpoint {bad}: model.safetensors is cut short (164 of 328 bytes); "
+                       f"resume from another checkpoint (--resume_from_checkpoint latest takes the newest loadable one)")
+    args = _parse(argv + ["--resume_from_checkpoint", "latest"])  # passes: checkpoint-1's arguments are checked
+    said = []
+    assert pwopsd.folders.loadable_checkpoint(str(out), said.append) == str(good)
+    assert said == [f"[train] --resume_from_checkpoint latest: skipping {bad}: model.safetensors is cut short (164 of 328 bytes)"]
+    (good / "optimizer.bin").write_bytes(b"")
+    assert pwopsd.folders.damaged_file(good) == "optimizer.bin is empty"
+    with pytest.raises(SystemExit, match=r"every checkpoint in .* is damaged \(the newest, .*checkpoint-2: model.safetensors "
+                                         r"is cut short .*\); start over with --overwrite_output_dir true$"):
+        pwopsd.folders.loadable_checkpoint(str(out))
+    import torch
+
+    torch.save({"state": {"x": torch.zeros(1000)}}, good / "optimizer.bin")
+    cut = (good / "optimizer.bin").read_bytes()
+    (good / "optimizer.bin").write_bytes(cut[:-200])  # a torch archive whose end (its directory) is missing
+    assert pwopsd.folders.damaged_file(good).startswith("optimizer.bin is unreadable (")
+    assert args.resume_from_checkpoint == "latest"
+
+
+def test_ctrl_c_is_one_line_naming_the_checkpoint_and_the_command(tmp_path, monkeypatch, capsys):
+    """Issue 26 item 4: KeyboardInterrupt (Ctrl-C) during the run -> one line on stderr, exit status 130."""
+    import train
+
+    out = tmp_path / "o"
+    ck = _fake_checkpoint(out, step=2)
+    argv = [str(a) for a in tiny_args("tiny", str(out), max_steps=4)] + ["--resume_from_checkpoint", "latest"]
+
+    def ctrl_c(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "setup", ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        train.cli(argv)
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train.py: interrupted; the last checkpoint is {ck}; continue with: python train.py "
+                   + " ".join(argv[:-2]) + " --resume_from_checkpoint latest"]
+    # a fresh run stopped before its first checkpoint: the same command with --resume_from_checkpoint latest
+    pwopsd.run.INTERRUPTED.clear()
+    argv = [str(a) for a in tiny_args("tiny", str(tmp_path / "p"), max_steps=4)]
+    with pytest.raises(SystemExit):
+        train.cli(argv + ["--overwrite_output_dir", "true"])
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"train.py: interrupted; no checkpoint was saved yet in {tmp_path / 'p'}; continue with: python train.py "
+        + " ".join(argv) + " --resume_from_checkpoint latest"]
+
+
+def test_first_demo_run_checks_inputs_before_building_the_warm_start(tmp_path, monkeypatch):
+    """Issue 26 item 5: a bad --eval_benchmarks file fails before the (minutes-long) warm-start build."""
+    import train
+
+    monkeypatch.setattr(pwopsd.demo, "build_warm_start", lambda name: pytest.fail("the warm start was built first"))
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"problem": "What is 2+3?", "solution": "5"}) + "\n")  # no answer column
+    args = _parse(tiny_args("smollm2-135m-warm", str(tmp_path / "o"), max_steps=1, eval_steps=1, eval_benchmarks=bench))
+    with pytest.raises(SystemExit, match=r"^train.py: --eval_benchmarks .*bench.jsonl: .*no usable records: none of the 1 "
+                                         r"has an answer"):
+        train.setup(args)
+
+
+def test_stale_build_folders_of_dead_processes_are_removed(tmp_path, capsys):
+    """Issue 26 item 5: an interrupted build's <name>.tmp<pid> folder goes once its process is gone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    (tmp_path / f"smollm2-135m-warm-1234abcd.tmp{dead_pid}" / "run").mkdir(parents=True)
+    (tmp_path / f"smollm2-135m-warm-1234abcd.tmp{os.getpid()}").mkdir()  # a build in progress (this process)
+    (tmp_path / "SmolLM2-135M-Instruct").mkdir()                        # a finished model
+    assert pwopsd.demo.remove_stale_builds(tmp_path) == [f"smollm2-135m-warm-1234abcd.tmp{dead_pid}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SmolLM2-135M-Instruct", f"smollm2-135m-warm-1234abcd.tmp{os.getpid()}"]
+    assert "the unfinished build of a process that is gone" in capsys.readouterr().out
+
+
+def test_final_line_reports_the_warm_start_build_apart(tmp_path):
+    """Issue 26 item 5: `steps 1-5 done in ...` counts the steps, the build is named apart."""
+    import train
+
+    args = _parse(tiny_args("smollm2-135m-warm", str(tmp_path / "o"), max_steps=5))
+    line = pwopsd.folders.run_summary(args, 0, 95.0, 312.0)
+    assert line.startswith("[train] steps 1-5 done in 1 min 35 s (+ 5 min 12 s building the warm start --model "
+                           "smollm2-135m-warm once); ")
+    assert pwopsd.folders.run_summary(args, 0, 95.0).startswith("[train] steps 1-5 done in 1 min 35 s; ")
