@@ -83,3 +83,12 @@ def test_gpu_config_without_cuda_stops_in_one_line(tmp_path, monkeypatch, capsys
     assert train.parse_args(argv + ["--allow_cpu", "true"]).dtype == "bfloat16"  # asked for explicitly
     assert train.parse_args(["--dataset", "demo-arithmetic", "--rollout_backend", "hf", "--output_dir",
                              str(tmp_path / "p")]).dtype == "auto"  # the CPU demo's settings are untouched
+
+
+def test_rollout_throughput_labels_only_the_filters_the_engine_has():
+    """Fault f: a CUDA engine has no HF top-k -> top-p processor, so no row may be labelled with it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from rollout_throughput import filter_phases
+
+    assert filter_phases(False) == [("sampled: vLLM's own top-k/top-p", True)]
+    assert filter_phases(True)[0] == ("sampled: HF top-k -> top-p processor", False)
