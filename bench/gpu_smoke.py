@@ -72,6 +72,7 @@ def loss(a):
     """Chunked loss (train.py's path: hidden states, O(chunk x V)) vs the reference on full logits, both under
     bf16 autocast with bf16 weights as in a --dtype bfloat16 run: loss, student-gradient agreement, peak memory."""
     import loss as L
+    from pwopsd import fused
 
     torch.manual_seed(0)
     dt = torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
@@ -89,7 +90,7 @@ def loss(a):
             if impl == "reference":
                 value = (coef * L.clipped_forward_kl(h_s @ W.T, h_t @ W.T, 1.1, 0.05)).sum()
             else:
-                value, _ = L.chunked_clipped_fkl(h_s, h_t, W, W, coef, 1.1, 0.05, a.chunk)
+                value, _ = fused.chunked_clipped_fkl(h_s, h_t, W, W, coef, 1.1, 0.05, a.chunk)
         value.backward()
         if DEVICE == "cuda":
             torch.cuda.synchronize()
