@@ -69,10 +69,16 @@ def problem_message(problem: str, context: str = "") -> str:
     return f"Problem: {core}\n\n{context}{INSTRUCTION}"
 
 
-def student_prompt(tokenizer, problem: str, enable_thinking: bool = False) -> str:
-    """The student's rendered prompt for ``problem`` (string; encode with ``add_special_tokens=False``).
-    Evaluation uses the same prompt: the model is tested on the message it was trained on."""
-    return render_chat(tokenizer, problem_message(problem), enable_thinking)
+def fill_template(template: str, problem: str, solution: str = "") -> str:
+    """A ``--student_template`` / ``--teacher_template`` message: ``{problem}`` / ``{solution}`` filled in verbatim, in one
+    pass (nothing stripped or removed; other braces, e.g. ``\\boxed{}``, stay). The authors' wording: docs/fidelity.md."""
+    return re.sub(r"\{(problem|solution)\}", lambda m: {"problem": problem, "solution": solution}[m[1]], template)
+
+
+def student_prompt(tokenizer, problem: str, enable_thinking: bool = False, template: str | None = None) -> str:
+    """The student's rendered prompt for ``problem`` (string; encode with ``add_special_tokens=False``; ``template``: see
+    ``fill_template``). Evaluation uses the same prompt: the model is tested on the message it was trained on."""
+    return render_chat(tokenizer, problem_message(problem) if template is None else fill_template(template, problem), enable_thinking)
 
 
 def encode(tokenizer, text: str) -> list[int]:

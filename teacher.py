@@ -21,7 +21,7 @@ import torch
 from pwopsd.cli import arg, load_tokenizer, parse_config
 from pwopsd.engine import causal_lm, generate_hf, lm_head_weight  # the network / its lm_head inside wrappers
 from pwopsd.packing import pack, pad
-from rollout import encode, problem_message, render_chat, student_prompt
+from rollout import encode, fill_template, problem_message, render_chat, student_prompt
 
 # The teacher's message (rollout.problem_message): "Problem: {problem}\n\n" + this + rollout.INSTRUCTION.
 TEACHER_CONTEXT = (
@@ -32,19 +32,22 @@ TEACHER_CONTEXT = (
 )
 
 
-def teacher_prompt(tokenizer, problem: str, solution: str, enable_thinking: bool = True) -> str:
-    """The privileged teacher's rendered prompt (string; encode with ``add_special_tokens=False``)."""
-    return render_chat(tokenizer, problem_message(problem, TEACHER_CONTEXT.format(solution=solution)), enable_thinking)
+def teacher_prompt(tokenizer, problem: str, solution: str, enable_thinking: bool = True, template: str | None = None) -> str:
+    """The privileged teacher's rendered prompt (string; encode with ``add_special_tokens=False``); ``template``: see fill_template."""
+    message = (problem_message(problem, TEACHER_CONTEXT.format(solution=solution)) if template is None
+               else fill_template(template, problem, solution))
+    return render_chat(tokenizer, message, enable_thinking)
 
 
 def render_problems(tokenizer, problems: list[dict], max_prompt_length: int, *, student_thinking: bool = False,
-                    teacher_thinking: bool = True, limit: int | None = None) -> tuple[list[dict], int]:
+                    teacher_thinking: bool = True, limit: int | None = None, student_template: str | None = None,
+                    teacher_template: str | None = None) -> tuple[list[dict], int]:
     """Both prompts of every problem, rendered and encoded once -> ``(kept, skipped)``: ``kept`` = the records plus
     ``student_ids`` / ``teacher_ids``, at most ``limit``; a prompt over ``max_prompt_length`` tokens is skipped, counted."""
     kept, skipped = [], 0
     for r in problems:
-        s_ids = encode(tokenizer, student_prompt(tokenizer, r["problem"], student_thinking))
-        t_ids = encode(tokenizer, teacher_prompt(tokenizer, r["problem"], r["solution"], teacher_thinking))
+        s_ids = encode(tokenizer, student_prompt(tokenizer, r["problem"], student_thinking, student_template))
+        t_ids = encode(tokenizer, teacher_prompt(tokenizer, r["problem"], r["solution"], teacher_thinking, teacher_template))
         if max(len(s_ids), len(t_ids)) > max_prompt_length:
             skipped += 1
             continue

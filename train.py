@@ -39,6 +39,7 @@ class Args:
     # --- model ------------------------------------------------------------------------------------------------
     model: str = arg("Qwen/Qwen3-4B", "HF id, local folder, or smollm2-135m (offline demo)")
     trust_remote_code: bool = arg(False)
+    allow_cpu: bool = arg(False, "run a GPU configuration (--dtype bfloat16) on the CPU when CUDA is missing, instead of stopping")
     dtype: str = arg("auto", "weights (+ autocast on GPU); auto = bfloat16 on GPU, float32 on CPU", choices=("auto", "float32", "bfloat16"))
     # --- data -------------------------------------------------------------------------------------------------
     dataset: str = arg(DEFAULT_DATASET, "Hub id, .jsonl/.json/.parquet, or demo-arithmetic[-flat][-test]")
@@ -47,6 +48,8 @@ class Args:
     solution_field: str | None = arg(None, "force the reference-solution column")
     answer_field: str | None = arg(None, "force the answer column")
     max_prompt_length: int = arg(2048, "longer teacher/student prompts are skipped (counted)", check="> 0")
+    student_template: str | None = arg(None, "the student's message, {problem} filled in verbatim (docs/fidelity.md)")
+    teacher_template: str | None = arg(None, "the teacher's message, {problem} and {solution} filled in verbatim")
     # --- method (loss.py) -------------------------------------------------------------------------------------
     method: str = arg("pwopsd", "a row of the method table in loss.py", choices=L.METHODS)
     weighting: str | None = arg(None, "override the method's token weighting", choices=L.WEIGHTINGS)
@@ -81,6 +84,7 @@ class Args:
     teacher_thinking: bool = arg(True, "chat-template thinking mode of the teacher prompt")
     gpu_memory_utilization: float = arg(0.4, "vLLM on GPU: its share of GPU memory", check="in (0, 1]")
     kv_cache_gib: float = arg(1.0, "vLLM on CPU: KV cache size (GiB)", check="> 0")
+    vllm_sleep: bool = arg(False, "vLLM on CUDA: sleep (weights to CPU, KV cache freed) during every train pass; off = the official runs")
     vllm_sync_every: int = arg(1, "push weights to vLLM every N optimizer steps (rollouts up to N-1 steps old)", check="> 0")
     vllm_sync: str = arg("auto", "LoRA -> vLLM: adapter | merged weights | auto (adapter for 16-bit weights)", choices=engines.SYNC_MODES)
     # --- teacher ----------------------------------------------------------------------------------------------
@@ -294,13 +298,14 @@ def build_prompts(args: Args, accelerator):
                                      trust_remote_code=args.trust_remote_code)
     limit, room = prompt_room(args, model_path, tok)  # a prompt and a full response fit the model's context
     data, skipped = render_problems(tok, problems, limit, student_thinking=args.student_thinking,
-                                    teacher_thinking=args.teacher_thinking)
+                                    teacher_thinking=args.teacher_thinking, student_template=args.student_template,
+                                    teacher_template=args.teacher_template)
     if L.METHODS[args.method].loss in L.REFERENCE_TARGETS:  # sft trains on the reference solution + EOS as its "rollout"
         data = [{**d, "reference_ids": R.encode(tok, d["solution"]) + [tok.eos_token_id]} for d in data]
         if args.sft_prompts == "both":  # each solution also under the teacher prompt (a batch mixes the two)
             data += [{**d, "student_ids": d["teacher_ids"]} for d in data]
-    if skipped:
-        accelerator.print(f"[train] skipped {skipped} of {len(problems)} problems whose prompt "
+    if skipped:  # loud: the training set is not the whole dataset (the official runs skip nothing)
+        accelerator.print(f"[train] WARNING: skipped {skipped} of {len(problems)} problems whose prompt "
                           f"exceeds --max_prompt_length {args.max_prompt_length}{room}")
     if len(data) < args.batch_size:
         fail(PROG, f"--dataset {args.dataset}: {len(data)} usable problems < --batch_size {args.batch_size}")

@@ -3,8 +3,8 @@ cost of a weight sync.
 
 Both backends sample the same rendered student prompts with the same distribution (T 1.1, top_k 20 then
 top_p 0.95, HF's order), one completion per prompt, float32 (CPU) / the model dtype (GPU). vLLM runs it
-through the engine's HF top-k -> top-p logits processor (rollout.hf_sampling_processor), and, for
-comparison, through vLLM's own top-k/top-p (which sorts the whole vocabulary every step). Tokens/s counts
+through the engine's HF top-k -> top-p logits processor (pwopsd.engine.hf_sampling_processor, CPU engines only), and, for
+comparison, through vLLM's own top-k/top-p (which sorts the whole vocabulary every step; on CUDA the only row). Tokens/s counts
 generated completion tokens over wall time and over this process's CPU time (steadier than wall time when
 other jobs share the cores); each backend is warmed up once first.
 
@@ -99,13 +99,15 @@ def main():
     def hf(**kw):
         return lambda: engines.generate_hf(model, tok, prompts, **{**sampling, **kw}, batch_size=len(prompts))
 
+    has_processor = engine.hf_top_k_top_p  # CPU engines only: on CUDA vLLM's own top-k/top-p always samples
+
     def vllm(own_filter=False, **kw):
         def run():
-            engine.hf_top_k_top_p = not own_filter  # False: vLLM's own top-k/top-p, as before the processor
+            engine.hf_top_k_top_p = has_processor and not own_filter  # False: vLLM's own top-k/top-p
             try:
                 return generate_vllm(**{**sampling, **kw})
             finally:
-                engine.hf_top_k_top_p = True
+                engine.hf_top_k_top_p = has_processor
         return run
 
     warm = dict(sampling, max_new_tokens=4)
@@ -121,9 +123,11 @@ def main():
 
     # The headline comparison first, back to back: the two runs see the most similar machine load.
     hf_row = None if a.vllm_only else measure("hf", "sampled: top-k 20 -> top-p 0.95", hf())
-    vl_row = measure("vllm", "sampled: HF top-k -> top-p processor", vllm())
+    (headline, own), *others = filter_phases(has_processor)
+    vl_row = measure("vllm", headline, vllm(own_filter=own))
     if not a.no_phases:
-        measure("vllm", "sampled: vLLM's own top-k/top-p", vllm(own_filter=True))
+        for label, own in others:
+            measure("vllm", label, vllm(own_filter=own))
         measure("vllm", "sampled: no filter", vllm(top_k=0, top_p=1.0))
         measure("vllm", "greedy (no sampling)", vllm(temperature=0.0))
         measure("vllm", "1 new token (prefill)", vllm(max_new_tokens=1))
@@ -162,6 +166,13 @@ def main():
               f"CPU time   (engine start-up {t_start:.1f} s)")
     print(f"weight sync: LoRA r={a.lora_r} {t_lora:.2f} s, full model {t_full:.2f} s "
           f"(= {100 * t_lora / w_vl:.1f} % of this vLLM rollout batch)")
+
+
+def filter_phases(has_processor: bool) -> list[tuple[str, bool]]:
+    """The top-k -> top-p rows ``(label, vLLM's own filter)``: headline first. Without the HF processor (CUDA
+    engines) there is one, vLLM's own: a row labelled with the processor would sample something else."""
+    own = ("sampled: vLLM's own top-k/top-p", True)
+    return [("sampled: HF top-k -> top-p processor", False), own] if has_processor else [own]
 
 
 if __name__ == "__main__":

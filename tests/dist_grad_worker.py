@@ -89,6 +89,12 @@ def steps_case(run, foreign_checkpoint: str | None) -> dict:
     acc, result = run.accelerator, {"sharding": pwopsd.distributed.launch_sharding(run.accelerator)}
     result["step1"] = one_step(run, 0)
     pwopsd.folders.save_checkpoint(acc, run.model, run.args, 1)
+    fsdp_dir = Path(run.args.output_dir) / "checkpoint-1" / "pytorch_model_fsdp_0"
+    if fsdp_dir.is_dir():  # the model tensors of accelerate's FSDP checkpoint (pwopsd.folders.fsdp_trainable_only)
+        import torch.distributed.checkpoint as dcp
+
+        result["fsdp_checkpoint_keys"] = sorted(dcp.FileSystemReader(str(fsdp_dir)).read_metadata().state_dict_metadata)
+    result["trainable_names"] = sorted(n for n, p in acc.unwrap_model(run.model).named_parameters() if p.requires_grad)
     # The vLLM sync's tensors, both modes (collective: every rank syncs its own engine): merged weights, LoRA adapter.
     result["policy"] = {n: t.clone() for n, t in engines.policy_weights(run.model, acc)}
     result["adapter_tensors"] = {n: t.clone() for n, t in engines.adapter_tensors(run.model, acc)}

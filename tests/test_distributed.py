@@ -169,6 +169,16 @@ def test_checkpoint_holds_the_adapter_and_resume_replays_step_2(one_process, sha
         assert_tensors_close(run["replay2"]["after"], run["step2"]["after"])  # ... and Adam's moments too
 
 
+def test_fsdp_checkpoint_holds_trainable_tensors_only(sharded):
+    """accelerate writes an FSDP model before the save hooks run; pwopsd.folders.fsdp_trainable_only keeps the frozen base
+    out of it (issue 23 e): the checkpoint's model tensors are exactly the LoRA tensors."""
+    name, got = sharded
+    if name != "fsdp2":
+        pytest.skip("DeepSpeed checkpoints: exclude_frozen_parameters (checked by the resume test)")
+    assert got["fsdp_checkpoint_keys"] == got["trainable_names"] and got["trainable_names"]
+    assert all("lora_" in k for k in got["fsdp_checkpoint_keys"])
+
+
 def test_weight_sync_tensors_equal_the_unsharded_model(one_process, sharded, peaked_model_dir):
     """The vLLM sync's tensors -- pwopsd.engine.policy_weights (--vllm_sync merged: ZeRO-3 gathered / FSDP2 DTensors made
     whole, LoRA merged) and pwopsd.engine.adapter_tensors (--vllm_sync adapter) -- against the plain model + checkpoint-1's
