@@ -163,7 +163,7 @@ def check_run(a):
     ckpts = sorted(p.name for p in Path(a.output_dir).glob("checkpoint-*"))
     adapters = [c for c in ckpts if (Path(a.output_dir) / c / "adapter" / "adapter_model.safetensors").is_file()]
     print(f"[smoke] train.py: steps {steps}, losses " + ", ".join(f"{r['loss']:.4f}" for r in rows if "loss" in r)
-          + f", step_s " + ", ".join(f"{r['step_s']:.1f}" for r in rows if "loss" in r) + f"; checkpoints {ckpts}")
+          + ", step_s " + ", ".join(f"{r['step_s']:.1f}" for r in rows if "loss" in r) + f"; checkpoints {ckpts}")
     if len(adapters) != len(ckpts) or not ckpts:
         fail(f"{a.output_dir}: checkpoints without an adapter/ ({ckpts})")
 

@@ -82,8 +82,6 @@ def build(a):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    import pwopsd.engine as engines
-
     import rollout as R
     from data import load_problems
     from pwopsd.cli import load_tokenizer, resolve_dtype
@@ -200,8 +198,6 @@ def hf_eval(a, tok, model, prompts) -> str:
     from peft.tuners.lora import LoraLayer
 
     import pwopsd.engine as engines
-
-    import rollout as R
 
     merged = copy.deepcopy(model)
     for m in merged.modules():
