@@ -28,8 +28,7 @@ Protocol
      ``--student_thinking`` [off]) give p_T and p_S at every position at once (the same network: there is
      no adapter here, teacher and student differ only in the prompt, as at step 0 of training).
      Scores and probabilities use logits / ``--score_temperature`` [1.0].
-     The alternatives are the teacher's top ``--alternatives`` [4] tokens (top-1 included; with
-     ``--alternatives_exclude_spine true``, the top ones other than the spine's own token y_t).
+     The alternatives: the teacher's top ``--alternatives`` [4] tokens (top-1 in; ``--alternatives_exclude_spine``: not y_t).
   4. Branches. For each alternative a: the student continues [student prompt + spine[:i] + a] under the
      student template, ``--continuations`` [4] samples at the spine's sampling settings. Budget
      (``--branch_budget``): ``total`` [default] -- the branch response (spine[:i] + a + continuation) has at
