@@ -124,7 +124,8 @@ def cache_dir() -> Path:
 # Warm-started demo models: name -> SFT recipe (a train.py config, method sft, under configs/).
 WARM_STARTS = {"smollm2-135m-warm": "warmstart-demo.yaml",            # SFT on the student prompt
                "smollm2-135m-warm-both": "warmstart-demo-both.yaml",  # ... and on the teacher prompt
-               "smollm2-135m-warm-flat": "warmstart-demo-flat.yaml"}  # on demo-arithmetic-flat
+               "smollm2-135m-warm-flat": "warmstart-demo-flat.yaml",  # on demo-arithmetic-flat
+               "smollm2-135m-warm-long": "warmstart-demo-long.yaml"}  # on demo-arithmetic-long (issue 25; not built yet)
 
 
 def build_warm_start(name: str) -> str:
