@@ -20,6 +20,7 @@ def logits_at_completion(model, prompt, completion):
     return out[len(prompt) - 1:len(prompt) + len(completion) - 1]
 
 
+@pytest.mark.slow  # a train.py run in-process (~30 s); tests/conftest.py's SLOW_TESTS is edited elsewhere right now
 def test_one_step_matches_a_direct_computation(peaked_model_dir, tmp_path):
     import clip_inversion
     from peft import PeftModel

@@ -450,6 +450,7 @@ def test_alternatives_exclude_spine_token(tmp_path, tiny_model_dir):
         assert a["scores"] == b["scores"]  # the scores do not depend on what is forced
 
 
+@pytest.mark.slow  # a diagnose.py run end to end (as test_end_to_end_resume_and_outputs)
 def test_alternatives_exclude_spine_end_to_end(tmp_path, tiny_model_dir):
     s = _run(tmp_path, tiny_model_dir, "--alternatives_exclude_spine", "true")
     out = tmp_path / "out"
