@@ -28,7 +28,7 @@ Protocol
      ``--student_thinking`` [off]) give p_T and p_S at every position at once (the same network: there is
      no adapter here, teacher and student differ only in the prompt, as at step 0 of training).
      Scores and probabilities use logits / ``--score_temperature`` [1.0].
-     The alternatives are the teacher's top ``--alternatives`` [4] tokens (top-1 included).
+     The alternatives: the teacher's top ``--alternatives`` [4] tokens (top-1 in; ``--alternatives_exclude_spine``: not y_t).
   4. Branches. For each alternative a: the student continues [student prompt + spine[:i] + a] under the
      student template, ``--continuations`` [4] samples at the spine's sampling settings. Budget
      (``--branch_budget``): ``total`` [default] -- the branch response (spine[:i] + a + continuation) has at
@@ -111,7 +111,8 @@ ORIENTATION = {
 EXPERIMENT_FLAGS = ("model", "dataset", "dataset_split", "problem_field", "solution_field", "answer_field",
                     "spines_per_problem", "positions_per_spine", "alternatives", "continuations", "max_new_tokens",
                     "max_prompt_length", "rollout_temperature", "top_p", "top_k", "score_temperature", "temperature",
-                    "clip", "branch_budget", "student_thinking", "teacher_thinking", "seed", "grading")
+                    "clip", "branch_budget", "student_thinking", "teacher_thinking", "seed", "grading",
+                    "alternatives_exclude_spine")
 # What a run writes into --output_dir (all that --overwrite_output_dir true deletes).
 RUN_FILES = ("config.json", "spines.jsonl", "branches.jsonl", "positions.jsonl", "summary.json", "roc.png",
              "viability_vs_position.png")
@@ -130,6 +131,7 @@ class Args:
     spines_per_problem: int = arg(1, "student rollouts (spines) per problem", check="> 0")
     positions_per_spine: int = arg(6, "equal-width frac bins, one position each", check="> 0")
     alternatives: int = arg(4, "teacher top-k tokens forced (top-1 included)", check="> 0")
+    alternatives_exclude_spine: bool = arg(False, "force the teacher's top tokens other than the spine's own (issue 25)")
     continuations: int = arg(4, "student samples per forced alternative", check="> 0")
     max_new_tokens: int = arg(512, "spine length cap; branch budget, see --branch_budget", check="> 0")
     branch_budget: str = arg("total", "total: branch response <= max_new_tokens (continuation gets max_new_tokens "
@@ -255,8 +257,10 @@ def score_spine(model, tokenizer, teacher_ids: list[int], student_ids: list[int]
     h_t = completion_hidden_states(model, [teacher_ids], [spine], pad_id)[indices]  # [P, H]
     h_s = completion_hidden_states(model, [student_ids], [spine], pad_id)[indices]
     fracs = [(i + 0.5) / len(spine) for i in indices]
-    scores, alts = position_scores(h_t @ W.T, h_s @ W.T, fracs, args.alternatives, args.score_temperature,
+    skip = getattr(args, "alternatives_exclude_spine", False)  # one more, then drop the spine's token (ranks kept)
+    scores, alts = position_scores(h_t @ W.T, h_s @ W.T, fracs, args.alternatives + skip, args.score_temperature,
                                    args.temperature, args.clip)
+    alts = [[a for a in row if not (skip and a["token"] == spine[i])][:args.alternatives] for row, i in zip(alts, indices)]
     return [{"position": j, "index": i, "t": i + 1, "frac": fracs[j], "spine_token": spine[i],
              "scores": {name: v[j] for name, v in scores.items()},
              "alternatives": [{**a, "text": tokenizer.decode([a["token"]])} for a in alts[j]]}

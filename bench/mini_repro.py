@@ -276,7 +276,7 @@ def eval_only(a):
 
     out = {}
     for name in a.eval_only:
-        source = "demo-arithmetic-flat-test" if name.endswith("-flat") else "demo-arithmetic-test"
+        source = next((f"demo-arithmetic{s}-test" for s in ("-flat", "-long") if name.endswith(s)), "demo-arithmetic-test")
         problems = load_problems(source, limit=a.heldout)
         path = resolve_model(name)
         t0 = time.time()

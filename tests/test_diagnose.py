@@ -471,3 +471,50 @@ def test_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"diagnose.py: interrupted; 2 lines of {out / 'spines.jsonl'} are saved; continue with the same command: "
         f"python diagnose.py --output_dir {out} --num_problems 2"]
+
+
+# ---------------------------------------------------------------------------- --alternatives_exclude_spine
+def test_alternatives_exclude_spine_token(tmp_path, tiny_model_dir):
+    """A spine made of the teacher's own greedy tokens: every spine token is the teacher's top-1. Without the flag the
+    first alternative is that token; with it, the alternatives are the teacher's ranks 1..k (never the spine token)."""
+    from data import load_problems
+    from rollout import encode
+    from teacher import teacher_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    r = load_problems("demo-arithmetic", limit=1)[0]
+    t_ids = encode(tok, teacher_prompt(tok, r["problem"], r["solution"], True))
+    s_ids = encode(tok, r["problem"])
+    spine = []
+    with torch.no_grad():
+        for _ in range(6):
+            spine.append(int(model(torch.tensor([t_ids + spine])).logits[0, -1].argmax()))
+        logits = model(torch.tensor([t_ids + spine])).logits[0]
+    indices = [0, 2, 5]
+    on, off = (D.parse_args(["--alternatives", "2", "--alternatives_exclude_spine", v, "--output_dir", str(tmp_path / v)])
+               for v in ("true", "false"))
+    with_flag = D.score_spine(model, tok, t_ids, s_ids, spine, indices, tok.pad_token_id, on)
+    without = D.score_spine(model, tok, t_ids, s_ids, spine, indices, tok.pad_token_id, off)
+    for a, b, i in zip(with_flag, without, indices):
+        top3 = torch.softmax(logits[len(t_ids) + i - 1], -1).topk(3).indices.tolist()
+        assert top3[0] == spine[i] == b["alternatives"][0]["token"]  # the flag's case: top-1 is the spine's token
+        assert [x["token"] for x in b["alternatives"]] == top3[:2] and [x["rank"] for x in b["alternatives"]] == [0, 1]
+        assert [x["token"] for x in a["alternatives"]] == top3[1:] and [x["rank"] for x in a["alternatives"]] == [1, 2]
+        assert all(x["token"] != a["spine_token"] for x in a["alternatives"])
+        assert a["scores"] == b["scores"]  # the scores do not depend on what is forced
+
+
+@pytest.mark.slow  # a diagnose.py run end to end (as test_end_to_end_resume_and_outputs)
+def test_alternatives_exclude_spine_end_to_end(tmp_path, tiny_model_dir):
+    s = _run(tmp_path, tiny_model_dir, "--alternatives_exclude_spine", "true")
+    out = tmp_path / "out"
+    positions = [json.loads(l) for l in (out / "positions.jsonl").read_text().splitlines()]
+    branches = [json.loads(l) for l in (out / "branches.jsonl").read_text().splitlines()]
+    spine_token = {(p["problem_id"], p["spine"], p["position"]): p["spine_token"] for p in positions}
+    assert len(positions) == s["n_positions"] == s["n_reliable"] + s["n_unreliable"] > 0
+    assert len(branches) == 2 * len(positions)  # --alternatives 2 per position, none dropped
+    assert all(b["token"] != spine_token[(b["problem_id"], b["spine"], b["position"])] for b in branches)
+    assert json.loads((out / "config.json").read_text())["alternatives_exclude_spine"] is True
+    with pytest.raises(SystemExit, match="--alternatives_exclude_spine"):  # an experiment flag: no mixing on resume
+        _run(tmp_path, tiny_model_dir)
