@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from transformers import SchedulerType
 
 import evaluate as E
 import loss as L
@@ -108,7 +109,7 @@ class Args:
     lora_target_modules: list[str] = arg(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     learning_rate: float = arg(5e-6, "AdamW learning rate (the paper: 5e-6)", check=">= 0")
     weight_decay: float = arg(0.0, "AdamW weight decay")
-    lr_scheduler_type: str = arg("constant", "any transformers.get_scheduler name")
+    lr_scheduler_type: str = arg("constant", "learning-rate schedule (transformers.get_scheduler)", choices=[s.value for s in SchedulerType])
     warmup_steps: int = arg(0, "learning-rate warm-up steps", check=">= 0")
     max_grad_norm: float = arg(0.1, "gradient-norm clip (the paper: 0.1)", check="> 0")
     batch_size: int = arg(32, "prompts per optimizer step, all processes", check="> 0")

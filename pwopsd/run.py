@@ -270,5 +270,7 @@ def interrupted_line(argv=None) -> str:
     if args is None:
         return f"nothing was saved; run again with: {continue_command(PROG, argv)}"
     ckpt = latest_checkpoint(args.output_dir)
-    saved = f"the last checkpoint is {ckpt}" if ckpt else f"no checkpoint was saved yet in {args.output_dir}"
-    return f"{saved}; continue with: {again}"
+    if ckpt is None:  # --resume_from_checkpoint latest would start over: say so rather than "continue"
+        return (f"no checkpoint was saved yet in {args.output_dir} (one every --save_steps {args.save_steps}); "
+                f"the same command starts afresh: {again}")
+    return f"the last checkpoint is {ckpt}; continue with: {again}"

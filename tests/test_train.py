@@ -366,8 +366,8 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_and_the_command(tmp_path, monk
     with pytest.raises(SystemExit):
         train.cli(argv + ["--overwrite_output_dir", "true"])
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"train.py: interrupted; no checkpoint was saved yet in {tmp_path / 'p'}; continue with: python train.py "
-        + " ".join(argv) + " --resume_from_checkpoint latest"]
+        f"train.py: interrupted; no checkpoint was saved yet in {tmp_path / 'p'} (one every --save_steps 2); "
+        "the same command starts afresh: python train.py " + " ".join(argv) + " --resume_from_checkpoint latest"]
 
 
 def test_first_demo_run_checks_inputs_before_building_the_warm_start(tmp_path, monkeypatch):
@@ -407,3 +407,14 @@ def test_final_line_reports_the_warm_start_build_apart(tmp_path):
     assert line.startswith("[train] steps 1-5 done in 1 min 35 s (+ 5 min 12 s building the warm start --model "
                            "smollm2-135m-warm once); ")
     assert pwopsd.folders.run_summary(args, 0, 95.0).startswith("[train] steps 1-5 done in 1 min 35 s; ")
+
+
+def test_an_unknown_lr_scheduler_is_one_line_before_anything_loads(capsys):
+    """A misspelt --lr_scheduler_type failed only after the model had loaded (transformers' ValueError traceback)."""
+    import train
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--lr_scheduler_type", "cosin"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: --lr_scheduler_type: unknown 'cosin' (choose from linear, cosine")
+    assert train.parse_args(["--lr_scheduler_type", "linear"]).lr_scheduler_type == "linear"
