@@ -57,7 +57,7 @@ from pwopsd.console import budget_bar, continue_command, interruptible, quiet_lo
 from pwopsd.demo import DEMO_SOURCES, resolve_model
 from pwopsd.folders import check_output_dir, check_same_settings, damaged_file, read_jsonl, saved_lines, start_output_dir
 from pwopsd.grading import GRADING_RULES, grade, majority_correct, stable_seed
-from rollout import encode
+from rollout import INSTRUCTION, encode  # noqa: F401  (INSTRUCTION: part of the evaluation prompt's surface, E.INSTRUCTION)
 
 PROG = "evaluate.py"
 BENCHMARKS = {  # name -> (Hub dataset, split)
