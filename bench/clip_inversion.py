@@ -116,9 +116,11 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines + ["| " + " | ".join(fmt(r[k]) for k in COLUMNS) + " |" for r in records])
 
 
-def measure(train_argv: list[str], out: str | None = None, keep: bool = False) -> list[dict]:
+def measure(train_argv: list[str], out: str | None = None, keep: bool = False, on_step=None) -> list[dict]:
     """Run ``train.main(train_argv)`` with the measurement hooked in; returns one record per optimizer step (also
-    appended to ``out`` as jsonl). ``keep``: each record also holds ``"_before"`` and ``"_logp_after"`` (tests)."""
+    appended to ``out`` as jsonl). ``keep``: each record also holds ``"_before"`` and ``"_logp_after"`` (tests).
+    ``on_step(run, step)``: the caller's own hook (e.g. bench/mini_repro.py's held-out evaluation), called after
+    the step's measurement, at every step including 0."""
     settings = train.parse_args(train_argv)  # every train.py flag error, in one line, before anything loads
     header = {k: getattr(settings, k) for k in ("method", "clip_mode", "clip", "temperature", "learning_rate",
                                                  "lr_scheduler_type", "seed", "model", "dataset")}
@@ -132,7 +134,12 @@ def measure(train_argv: list[str], out: str | None = None, keep: bool = False) -
         pending["before"] = measure_before(run, batch, rollouts)
         return original(run, batch, rollouts, step)
 
-    def on_step(run, step):
+    def hook(run, step):
+        measure_step(run, step)
+        if on_step is not None:
+            on_step(run, step)
+
+    def measure_step(run, step):
         if "before" not in pending:  # step 0 (before training), or a resumed run's first call
             return
         before = pending.pop("before")
@@ -149,7 +156,7 @@ def measure(train_argv: list[str], out: str | None = None, keep: bool = False) -
 
     train.accumulate_gradients = accumulate
     try:
-        train.main(train_argv, on_step=on_step)
+        train.main(train_argv, on_step=hook)
     finally:
         train.accumulate_gradients = original
     return records

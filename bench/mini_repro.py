@@ -82,6 +82,9 @@ def parse_args(argv=None):
                    help="override every run's train.py --rollout_backend (hf: no vLLM)")
     p.add_argument("--rollout_temperature", type=float, default=None,
                    help="override every run's train.py --rollout_temperature (the sft row samples nothing)")
+    p.add_argument("--clip_inversion", action="store_true", help="measure, in every training run, each step's "
+                   "clipped teacher top-1 tokens and their change of log p_S (bench/clip_inversion.py; "
+                   "runs/NAME-sSEED.clip.jsonl)")
     p.add_argument("--report_only", action="store_true", help="train nothing: table and plot from the runs already in "
                    "--output_dir (missing ones listed); base / sft fall back to the --eval_only results of --base / --model")
     p.add_argument("--study_table", action="store_true", help="print --log as a markdown table (every run, by setting)")
@@ -146,7 +149,14 @@ def worker(spec: dict):
               f"({len(correct)} problems, {time.time() - t0:.0f} s)", flush=True)
 
     t0 = time.time()
-    out_dir = train.main(spec["argv"], on_step=on_step)
+    if spec.get("clip_inversion"):  # the same run, with the per-step clipped-top-1 measurement hooked in
+        import clip_inversion
+
+        Path(spec["clip_inversion"]).unlink(missing_ok=True)  # a result file is missing: the run starts over
+        clip_inversion.measure(spec["argv"], out=spec["clip_inversion"], on_step=on_step)
+        out_dir = train.parse_args(spec["argv"]).output_dir
+    else:
+        out_dir = train.main(spec["argv"], on_step=on_step)
     res["wall_s"] = time.time() - t0
     metrics = [json.loads(l) for l in open(Path(out_dir) / "metrics.jsonl")]
     res["train"] = [{k: m.get(k) for k in ("step", "loss", "correct", "boxed", "response_length", "step_s")} for m in metrics]
@@ -170,7 +180,8 @@ def run_one(name: str, seed: int, config: str, flags: list[str], a, eval_steps: 
     source = heldout_source(argv, config)
     spec = {"name": name, "argv": argv, "before_cache": str(before_cache(a, start, source)), "eval_steps": sorted({0, steps, *eval_steps}),
             "heldout": a.heldout, "heldout_source": source, "max_new_tokens": a.max_new_tokens, "result": str(result),
-            "gsm8k": a.gsm8k if gsm8k else None, "gsm8k_limit": a.gsm8k_limit}
+            "gsm8k": a.gsm8k if gsm8k else None, "gsm8k_limit": a.gsm8k_limit,
+            "clip_inversion": str(result.with_suffix(".clip.jsonl")) if a.clip_inversion else None}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     print(f"[mini_repro] {name} seed {seed}: python train.py {' '.join(argv)}", flush=True)
     t0 = time.time()
@@ -183,6 +194,10 @@ def run_one(name: str, seed: int, config: str, flags: list[str], a, eval_steps: 
             "train_correct": [m["correct"] for m in res["train"]], "loss": [m["loss"] for m in res["train"]],
             "gsm8k": None if not res.get("gsm8k_correct") else sum(res["gsm8k_correct"]) / len(res["gsm8k_correct"]),
             "wall_s": round(time.time() - t0), "load_avg": os.getloadavg()[0]}
+    if spec["clip_inversion"]:  # per step: fraction of tokens whose teacher top-1 is clipped, and its Δ log p_S
+        recs = [json.loads(l) for l in open(spec["clip_inversion"])]
+        line["clip_inversion"] = {k: [r[k] for r in recs] for k in ("clipped_tokens", "tokens", "dlogp_clipped",
+                                                                     "dlogp_unclipped", "fell_clipped")}
     append_log(a, line)
     print(f"[mini_repro] {name} seed {seed}: held-out {line['before']} -> {line['after']} ({line['wall_s']} s)", flush=True)
     return res
