@@ -181,7 +181,7 @@ def run_one(name: str, seed: int, config: str, flags: list[str], a, eval_steps: 
     spec = {"name": name, "argv": argv, "before_cache": str(before_cache(a, start, source)), "eval_steps": sorted({0, steps, *eval_steps}),
             "heldout": a.heldout, "heldout_source": source, "max_new_tokens": a.max_new_tokens, "result": str(result),
             "gsm8k": a.gsm8k if gsm8k else None, "gsm8k_limit": a.gsm8k_limit,
-            "clip_inversion": str(result.with_suffix(".clip.jsonl")) if a.clip_inversion else None}
+            "clip_inversion": str(result.with_suffix(".clip.jsonl")) if a.clip_inversion and name != "sft" else None}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     print(f"[mini_repro] {name} seed {seed}: python train.py {' '.join(argv)}", flush=True)
     t0 = time.time()
@@ -332,6 +332,36 @@ def bootstrap_ci(per_seed: list[list[bool]], n: int, seed: int = 0) -> list[floa
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
+def paired_ci(after: list[list[bool]], before: list[bool], n: int, seed: int = 0) -> list[float]:
+    """Paired bootstrap of the change on the same problems: ``[delta, lo, hi]``, delta = mean over problems of
+    (``after`` averaged over seeds - ``before``), CI = 95 % percentile interval over ``n`` resamples of the problems
+    (``after``: ``[seeds][problems]``; ``before``: ``[problems]``, e.g. the start model or another row)."""
+    import numpy as np
+
+    d = np.array(after, dtype=float).mean(0) - np.array(before, dtype=float)
+    if d.ndim != 1:
+        raise ValueError(f"paired_ci: before has shape {np.shape(before)}, not [problems] ({len(d)})")
+    means = d[np.random.default_rng(seed).integers(0, len(d), size=(n, len(d)))].mean(1)
+    return [float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def row_differences(rows: dict, a) -> list[str]:
+    """Every pair of training rows from the same start model, on the same problems: ``"B - A: +d (lo..hi)"``
+    (paired bootstrap of the seed-averaged final correctness, ``paired_ci``)."""
+    import numpy as np
+
+    trained = {n: r for n, r in rows.items() if all(x.get("before_correct") for x in r)}
+    out = []
+    for i, (na, ra) in enumerate(trained.items()):
+        for nb, rb in list(trained.items())[i + 1:]:
+            if ra[0]["before_correct"] != rb[0]["before_correct"]:
+                continue  # different start models (sft vs the distillation rows)
+            base = np.array([x["final_correct"] for x in ra], dtype=float).mean(0)
+            d, lo, hi = paired_ci([x["final_correct"] for x in rb], base, a.bootstrap)
+            out.append(f"{nb} - {na}: {d:+.3f} ({lo:+.3f}..{hi:+.3f})")
+    return out
+
+
 def summarize(rows: dict, a) -> dict:
     """rows: name -> [result per seed] -> {name: {mean, std, ci, per_seed, gsm8k...}}."""
     import statistics
@@ -342,6 +372,8 @@ def summarize(rows: dict, a) -> dict:
         accs = [sum(c) / len(c) for c in finals]
         block = {"seeds": len(results), "per_seed": accs, "mean": statistics.fmean(accs),
                  "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "ci": bootstrap_ci(finals, a.bootstrap)}
+        if all(r.get("before_correct") for r in results):  # a training run: its change from its start model
+            block["paired"] = paired_ci(finals, results[0]["before_correct"], a.bootstrap)
         if results[0].get("teacher_correct"):  # a start model: also the privileged teacher prompt
             block["teacher"] = sum(results[0]["teacher_correct"]) / len(results[0]["teacher_correct"])
         g = [r["gsm8k_correct"] for r in results if r.get("gsm8k_correct")]
@@ -354,13 +386,15 @@ def summarize(rows: dict, a) -> dict:
 
 
 def markdown(summary: dict, a, gsm8k_note: str) -> str:
-    head = f"| method | seeds | held-out acc. ({a.heldout}, greedy), mean ± std | 95 % bootstrap CI | per seed | GSM8K ({a.gsm8k_limit}) |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    head = (f"| method | seeds | held-out acc. ({a.heldout}, greedy), mean ± std | 95 % bootstrap CI | "
+            f"change from its start, paired 95 % CI | per seed | GSM8K ({a.gsm8k_limit}) |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
     for name, b in summary.items():
         g = f"{b['gsm8k_mean']:.3f} ± {b['gsm8k_std']:.3f} ({b['gsm8k_seeds']} seed(s), CI {b['gsm8k_ci'][0]:.3f}-{b['gsm8k_ci'][1]:.3f})" \
             if "gsm8k_mean" in b else gsm8k_note
+        d = f"{b['paired'][0]:+.3f} ({b['paired'][1]:+.3f}..{b['paired'][2]:+.3f})" if "paired" in b else "-"
         lines.append(f"| {name} | {b['seeds']} | {b['mean']:.3f} ± {b['std']:.3f} | {b['ci'][0]:.3f}-{b['ci'][1]:.3f} | "
-                     f"{', '.join(f'{x:.3f}' for x in b['per_seed'])} | {g} |")
+                     f"{d} | {', '.join(f'{x:.3f}' for x in b['per_seed'])} | {g} |")
     teacher = [f"{name} {b['teacher']:.3f}" for name, b in summary.items() if "teacher" in b]
     if teacher:
         lines += ["", "The same held-out problems under the privileged teacher prompt (problem + reference solution), "
@@ -381,10 +415,10 @@ def study_table(lines: list[dict]) -> str:
     out += ["", "| setting | seed | train.py flags (beyond configs/mini-repro.yaml) | before | after | Δ | curve | rollout correct (first -> last step) | wall |",
             "|---|---|---|---|---|---|---|---|---|"]
     runs = [l for l in lines if not l["name"].startswith("eval:")]
-    by = {}
+    by = {}  # a setting = a name and its flags (the same row name run at another lr is another setting)
     for l in runs:
-        by.setdefault(l["name"], []).append(l)
-    for name, ls in by.items():
+        by.setdefault((l["name"], l["command"].split(" --seed ")[0]), []).append(l)
+    for (name, _), ls in by.items():
         for l in ls:
             flags = l["command"].split("--config ", 1)[1].split(" ", 1)[1]
             flags = flags.split(" --seed ")[0]
@@ -523,9 +557,12 @@ def main(argv=None):
     summary = summarize(rows, a)
     out = Path(a.output_dir)
     table = markdown(summary, a, gsm8k_note or "not run for this row")
+    pairs = row_differences(rows, a)
+    if pairs:
+        table += "\n\nBetween rows, paired 95 % CI over the same problems (seed-averaged): " + "; ".join(pairs) + "."
     (out / "table.md").write_text(table + "\n")
     (out / "summary.json").write_text(json.dumps({"args": {k: v for k, v in vars(a).items() if k != "worker"},
-                                                  "summary": summary, "curves": curves, "wall_s": time.time() - t0}, indent=1))
+                                                  "summary": summary, "row_differences": pairs, "curves": curves, "wall_s": time.time() - t0}, indent=1))
     plot(curves, out / "accuracy_vs_step.png")
     if missing:
         table += f"\n\nNot run (--report_only): {', '.join(missing)}."

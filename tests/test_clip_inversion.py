@@ -33,7 +33,9 @@ def test_one_step_matches_a_direct_computation(peaked_model_dir, tmp_path):
             "--max_prompt_length", "512", "--rollout_backend", "hf", "--lora_r", "4", "--lora_alpha", "8",
             "--learning_rate", "3e-2", "--max_grad_norm", "1.0", "--max_steps", "1", "--output_dir", str(out_dir),
             "--seed", "3", "--method", "pwopsd", "--clip", str(c), "--temperature", str(T)]
-    (rec,) = clip_inversion.measure(argv, str(jsonl), keep=True)
+    seen = []  # the caller's own hook is chained: called at step 0 and after the step's measurement
+    (rec,) = clip_inversion.measure(argv, str(jsonl), keep=True, on_step=lambda run, step: seen.append(step))
+    assert seen == [0, 1]
     assert json.loads(jsonl.read_text())["clipped_tokens"] == rec["clipped_tokens"]
     before = rec["_before"]
     assert len(before["seqs"]) == 4 and rec["tokens"] == sum(len(x) for x in before["comps"])

@@ -188,7 +188,7 @@ def test_mini_repro_quick_runs_and_reports(tiny_model_dir, tmp_path):
     out, log = tmp_path / "mr", tmp_path / "runs.jsonl"
     cmd = [sys.executable, str(ROOT / "bench" / "mini_repro.py"), "--quick", "--model", tiny_model_dir, "--base", tiny_model_dir,
            "--rows", "sft", "opsd", "--output_dir", str(out), "--log", str(log), "--heldout", "4", "--max_new_tokens", "8",
-           "--rollout_backend", "hf", "--", "--max_new_tokens", "8"]
+           "--rollout_backend", "hf", "--clip_inversion", "--", "--max_new_tokens", "8"]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -206,7 +206,18 @@ def test_mini_repro_quick_runs_and_reports(tiny_model_dir, tmp_path):
     # Step 0 of both runs is that evaluation's student-prompt result, not a second measurement.
     assert {l["before"] for l in runs} == {evals[0]["student_prompt"]} == {s["summary"]["base"]["mean"]}
     table = (out / "table.md").read_text()
-    assert table.count("\n") == 8 and "| opsd | 1 |" in table  # header, rule, base, sft, warm start, opsd, blank, teacher
+    # header, rule, base, sft, warm start, opsd, blank, teacher, blank, row differences (same start model here)
+    assert table.count("\n") == 10 and "| opsd | 1 |" in table
+    row = next(l for l in table.splitlines() if l.startswith("| opsd |")).split(" | ")
+    opsd = next(l for l in runs if l["name"] == "opsd")
+    d = float(row[4].split(" (")[0])  # the paired change column: seed-averaged after - before
+    assert d == pytest.approx(opsd["after"] - opsd["before"], abs=1e-3)
+    assert f"opsd - sft: {s['summary']['opsd']['mean'] - s['summary']['sft']['mean']:+.3f} (" in table
+    # --clip_inversion: the distillation run measured each of its 2 steps; the sft run is not measured
+    ci = opsd["clip_inversion"]
+    assert len(ci["tokens"]) == 2 and all(t > 0 for t in ci["tokens"]) and "clip_inversion" not in \
+        next(l for l in runs if l["name"] == "sft")
+    assert len((out / "runs" / "opsd-s0.clip.jsonl").read_text().splitlines()) == 2
     assert "privileged teacher prompt" in table and f"base {evals[0]['teacher_prompt']:.3f}" in table
     assert (out / "accuracy_vs_step.png").stat().st_size > 1000
     # A rerun reuses the finished runs and the start model's evaluation: nothing is trained or logged again.
