@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from pwopsd.cli import arg, parse_config
+from pwopsd.cli import arg, load_or_exit, parse_config
 from pwopsd.demo import DEMO_MODEL, DEMO_SOURCES, DEMO_TEST_SIZE, DEMO_TRAIN_SIZE, demo_arithmetic, demo_heldout, resolve_model
 from pwopsd.grading import last_boxed, split_gsm8k
 from pwopsd.records import _ASSISTANT, _USER, _columns, _get, _pick, _read_rows, _text, no_usable_records
@@ -142,7 +142,7 @@ def main(argv=None):
     if a.model:
         print(resolve_model(a.model))
         return
-    for r in load_problems(a.dataset, a.dataset_split, limit=a.limit, require_solution=False):
+    for r in load_or_exit("data.py", load_problems, a.dataset, a.dataset_split, limit=a.limit, require_solution=False):
         print(json.dumps(r, indent=1, ensure_ascii=False))
 
 

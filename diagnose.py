@@ -180,8 +180,8 @@ def parse_args(argv=None) -> Args:
         if not (Path(args.output_dir) / "config.json").is_file():
             fail(PROG, f"--output_dir {args.output_dir} holds {', '.join(existing)} without the config.json they were "
                        f"made with; use another --output_dir or --overwrite_output_dir true")
-        check_same_settings(Path(args.output_dir) / "config.json", {k: getattr(args, k) for k in EXPERIMENT_FLAGS},
-                            PROG, hint="use another --output_dir or --overwrite_output_dir true", write=False)
+        check_same_settings(Path(args.output_dir) / "config.json", {k: getattr(args, k) for k in EXPERIMENT_FLAGS}, PROG,
+                            hint="use another --output_dir or --overwrite_output_dir true", write=False, defaults=vars(Args()))
     return args
 
 

@@ -499,7 +499,7 @@ def open_store(a: Args) -> tuple[Path, dict[tuple, dict]]:
     if samples.is_file() and not (out / "settings.json").is_file():
         fail(f"--output_dir {out} holds samples.jsonl without the settings.json it was made with; {hint}")
     check_same_settings(out / "settings.json", {k: getattr(a, k) for k in GENERATION_SETTINGS}, PROG,
-                        active=samples.is_file(), hint=hint, write=False)
+                        active=samples.is_file(), hint=hint, write=False, defaults=vars(Args()))
     done = {}
     for r in read_jsonl(samples, repair=True):
         try:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 import pwopsd.engine as engines
-from pwopsd.cli import arg, load_tokenizer, parse_config
+from pwopsd.cli import arg, load_or_exit, load_tokenizer, parse_config
 from pwopsd.engine import Engine, Rollout  # noqa: F401  (Rollout: the record every stage passes around)
 
 # The boxed-answer instruction, shared by the student, teacher and evaluation prompts.
@@ -132,7 +132,7 @@ def main(argv=None):
     from data import load_problems
 
     a = parse_config(RolloutArgs, argv, prog="rollout.py", description="Sample student rollouts and print them.")
-    problems = load_problems(a.dataset, limit=a.num_prompts, require_solution=False)
+    problems = load_or_exit("rollout.py", load_problems, a.dataset, limit=a.num_prompts, require_solution=False)
     tok, path = load_tokenizer(a.model)
     prompts = [encode(tok, student_prompt(tok, r["problem"], a.student_thinking)) for r in problems]
     engine = engines.make_engine(a.rollout_backend, path, tokenizer=tok, dtype="float32", seed=a.seed,

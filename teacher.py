@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pwopsd.cli import arg, load_tokenizer, parse_config
+from pwopsd.cli import arg, load_or_exit, load_tokenizer, parse_config
 from pwopsd.engine import causal_lm, generate_hf, lm_head_weight  # the network / its lm_head inside wrappers
 from pwopsd.packing import pack, pad
 from rollout import encode, fill_template, problem_message, render_chat, student_prompt
@@ -126,7 +126,7 @@ def main(argv=None):
 
     a = parse_config(TeacherArgs, argv, prog="teacher.py", description="Show the student/teacher prompts of a "
                      "problem and score one student rollout token by token (clipped forward KL).")
-    r = load_problems(a.dataset, limit=a.index + 1)[a.index]
+    r = load_or_exit("teacher.py", load_problems, a.dataset, limit=a.index + 1, index=a.index)[a.index]
     tok, path = load_tokenizer(a.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     s_prompt, t_prompt = student_prompt(tok, r["problem"]), teacher_prompt(tok, r["problem"], r["solution"], a.teacher_thinking)

@@ -18,6 +18,7 @@ from dataclasses import MISSING, field, fields
 from typing import NoReturn
 
 from pwopsd.demo import resolve_model
+from pwopsd.records import read_text
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 RANGES = {  # check name -> test; the name is the error message ("--top_p must be in (0, 1] (got 0.0)")
@@ -49,6 +50,22 @@ def arg(default=None, help: str = "", *, choices=None, check: str | None = None,
 def fail(prog: str, message: str) -> NoReturn:
     """Stop with the one-line error ``<prog>: <message>`` (exit status 1, nothing else printed)."""
     raise SystemExit(f"{prog}: {message}")
+
+
+def load_or_exit(prog: str, load, source: str, *args, flag: str = "--dataset", index: int | None = None, **kwargs) -> list[dict]:
+    """``load(source, *args, **kwargs)`` (``data.load_problems``, handed in: this package never imports a stage
+    file), where a bad source stops the script with one line ``<prog>: <flag> <what is wrong>`` instead of a
+    traceback (a missing / empty / unreadable file, a missing field, an unreachable Hub). With ``index``
+    (teacher.py ``--index``) there must be more than ``index`` usable problems. Raises SystemExit."""
+    try:
+        rows = load(source, *args, **kwargs)
+    except (KeyError, ValueError, OSError) as e:  # OSError: FileNotFoundError, ConnectionError (an unreachable Hub)
+        message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)  # KeyError's str() adds quotes
+        message = message.strip().splitlines()[0] if message.strip() else type(e).__name__
+        fail(prog, f"{flag} {message if message.startswith(source) else f'{source}: {message}'}")
+    if index is not None and index >= len(rows):
+        fail(prog, f"--index {index}: {flag} {source} has {len(rows)} usable problem(s) (index 0 to {len(rows) - 1})")
+    return rows
 
 
 def parse_bool(text) -> bool:
@@ -97,7 +114,9 @@ def _read_config(path: str, specs: dict, prog: str) -> dict:
     if not os.path.isfile(path):
         fail(prog, f"--config: no such file {path}")
     try:
-        cfg = yaml.safe_load(open(path)) or {}
+        cfg = yaml.safe_load(read_text(path, f"--config {path}")) or {}
+    except (OSError, ValueError) as e:  # not UTF-8 (the line named), unreadable
+        fail(prog, e.args[0] if isinstance(e, ValueError) else f"--config {path}: cannot read ({e.strerror or e})")
     except yaml.YAMLError as e:  # one line with the place, not the parser's traceback
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

@@ -51,11 +51,13 @@ def read_jsonl(path, repair: bool = False) -> list[dict]:
 
 
 def check_same_settings(path, now: dict, prog: str, *, active: bool = True,
-                        hint: str = "use another --output_dir", write: bool = True):
+                        hint: str = "use another --output_dir", write: bool = True, defaults: dict | None = None):
     """Refuse to continue a run whose ``path`` (a json of flag: value) records other settings; then write ``now``.
 
     ``active=False`` skips the comparison (nothing to continue); ``write=False`` only compares (write later,
-    once the run's inputs have loaded). Raises SystemExit naming every differing flag:
+    once the run's inputs have loaded). ``defaults`` (flag -> default, e.g. ``vars(Args())``): a flag that ``path``
+    lacks -- the run was made before the flag existed -- had its default then (without ``defaults``: None).
+    Raises SystemExit naming every differing flag:
     ``--output_dir D holds a run made with --top_p=0.95 (now 1.0); use another --output_dir``.
     """
     path = Path(path)
@@ -64,7 +66,8 @@ def check_same_settings(path, now: dict, prog: str, *, active: bool = True,
             before = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             fail(prog, f"{path}: unreadable settings of an earlier run; {hint}")
-        diff = [f"--{k}={before.get(k)!r} (now {v!r})" for k, v in now.items() if before.get(k) != v]
+        before = {**{k: (defaults or {}).get(k) for k in now}, **before}  # a flag the old run lacked: its default
+        diff = [f"--{k}={before[k]!r} (now {v!r})" for k, v in now.items() if before[k] != v]
         if diff:
             fail(prog, f"--output_dir {path.parent} holds a run made with {', '.join(diff)}; {hint}")
     if write:

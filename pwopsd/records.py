@@ -13,31 +13,61 @@ from pwopsd.demo import DEMO_SOURCES
 _USER, _ASSISTANT = ("user", "human"), ("assistant", "gpt", "model", "bot")
 
 
+FILE_TYPES = (".jsonl", ".json", ".parquet")
+
+
+def read_text(path, what: str | None = None) -> str:
+    """A UTF-8 text file (a leading BOM, as Windows editors write it, is dropped) -> str.
+
+    Raises ValueError naming ``what`` (default: the path) and the line of the first byte that is not UTF-8:
+    ``x.jsonl: line 3 is not UTF-8 text (byte 0xff); save the file as UTF-8``."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:  # the codec's own message names neither the file nor the line
+        line = raw[:e.start].count(b"\n") + 1
+        utf16 = " (it is UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""  # Windows' "Unicode"
+        raise ValueError(f"{what or path}: line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}){utf16}; "
+                         f"save the file as UTF-8") from None
+
+
 def _read_rows(source: str, split: str) -> list[dict]:
+    """The rows of a local file or Hub dataset; raises FileNotFoundError / ValueError (one line naming the file
+    and, where it applies, the line or record) or ConnectionError (an unreachable Hub)."""
     path = Path(source)
-    if path.suffix in (".jsonl", ".json", ".parquet"):
+    if path.suffix not in FILE_TYPES and path.is_file():  # an existing file is never looked up on the Hub
+        raise ValueError(f"{source}: unsupported file type; use {'/'.join(FILE_TYPES)}")
+    if path.suffix in FILE_TYPES:
         if not path.is_file():
             raise FileNotFoundError(f"{source}: no such file")
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8-sig") as f:  # -sig: a leading UTF-8 BOM (Windows editors) is dropped
-                rows = []
-                for i, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise ValueError(f"{source}:{i}: not valid JSON ({e.msg})") from None
-                return rows
+            rows = []
+            for i, line in enumerate(read_text(path).split("\n"), 1):  # "\n" only: U+2028 may sit inside a string
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{source}:{i}: not valid JSON ({e.msg})") from None
+                    _check_record(rows[-1], f"{source}:{i}")
+            return rows
         if path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
-            if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
-                data = data.get(split) or data.get("data") or next(iter(data.values()))
+            try:
+                data = json.loads(read_text(path))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{source}:{e.lineno}: not valid JSON ({e.msg})") from None
+            if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}; {} holds no records
+                data = data.get(split) or data.get("data") or next(iter(data.values()), [])
             if not isinstance(data, list):
                 raise ValueError(f"{source}: expected a list of records")
+            for i, row in enumerate(data):
+                _check_record(row, f"{source}: record {i}")
             return data
         import pandas as pd
 
-        return pd.read_parquet(path).to_dict("records")
+        try:
+            return pd.read_parquet(path).to_dict("records")
+        except (OSError, ValueError) as e:  # pyarrow's message does not name the file
+            raise ValueError(f"{source}: not a readable parquet file ({(str(e).strip() or type(e).__name__).splitlines()[0]})") from None
     import datasets  # Hub id (or a local dataset folder)
 
     try:
@@ -46,6 +76,12 @@ def _read_rows(source: str, split: str) -> list[dict]:
         cause = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise ConnectionError(f"cannot download {source!r} from the Hugging Face Hub ({cause}); use a local "
                               f".jsonl/.json/.parquet copy of it, or an offline built-in: {', '.join(DEMO_SOURCES)}") from None
+
+
+def _check_record(row, where: str):
+    """A record must be a JSON object (``{"problem": ...}``); a list or a bare value is a ValueError naming ``where``."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object {{\"problem\": ...}}, got {type(row).__name__} {str(row)[:40]}")
 
 
 def _columns(row: dict, prefix: str = "") -> set[str]:

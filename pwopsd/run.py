@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import pwopsd.engine as engines
-from pwopsd.cli import fail, model_context, prompt_limit, resolve_dtype
+from pwopsd.cli import fail, load_or_exit, model_context, prompt_limit, resolve_dtype
 from pwopsd.console import continue_command
 from pwopsd.demo import BUILD_SECONDS
 from pwopsd.distributed import build_accelerator, find_checkpoint
@@ -117,6 +117,7 @@ def build_student_teacher(args, accelerator, model_path: str):
     if args.use_lora:
         from peft import LoraConfig, get_peft_model
 
+        check_lora_targets(model, args.lora_target_modules, args.model)
         lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                           target_modules=args.lora_target_modules, task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
@@ -145,6 +146,19 @@ def build_student_teacher(args, accelerator, model_path: str):
 
     accelerator.register_save_state_pre_hook(keep_trainable)
     return model, frozen_teacher, optimizer, scheduler
+
+
+def check_lora_targets(model, targets: list[str], model_name: str):
+    """``--lora_target_modules``: each name must end the name of a module of ``model`` (peft's rule: ``q_proj``
+    matches ``model.layers.0.self_attn.q_proj``). Checked right after the model loads -- its module names are not
+    in config.json -- and before peft, whose error is a traceback. Exits with one line listing the linear layers."""
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if t != "all-linear" and not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaves = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if n and not any(m.children())}
+        linear = sorted(k for k, m in leaves.items() if isinstance(m, torch.nn.Linear) and k != "lm_head")
+        fail(PROG, f"--lora_target_modules: no module {', '.join(map(repr, missing))} in --model {model_name}; "
+                   + (f"its linear layers are {', '.join(linear)}" if linear else f"its modules include {', '.join(sorted(leaves)[:12])}"))
 
 
 def build_engine(args, accelerator, model, tok, model_path: str) -> engines.Engine:
@@ -230,18 +244,10 @@ def check_cuda(args):
 
 
 def load_dataset(args, load_problems) -> list[dict]:
-    """``load_problems`` (data.py) on ``--dataset`` and its field flags; a bad source exits with one line naming it."""
-    try:
-        return load_problems(args.dataset, args.dataset_split, problem_field=args.problem_field,
-                             solution_field=args.solution_field, answer_field=args.answer_field)
-    except FileNotFoundError as e:  # a local file that is not there
-        fail(PROG, f"--dataset {e.args[0] if e.args else e}")
-    except (KeyError, ValueError) as e:  # unreadable local file / missing field
-        fail(PROG, str(e).strip("'\""))
-    except ConnectionError as e:  # Hub unreachable: data.load_problems' line names it and what to use instead
-        fail(PROG, f"--dataset {args.dataset}: {e}")
-    except OSError as e:
-        fail(PROG, f"--dataset {args.dataset}: cannot load ({str(e).splitlines()[0]}). Offline? Try --config configs/demo.yaml")
+    """``load_problems`` (data.py) on ``--dataset`` and its field flags; a bad source exits with one line naming it
+    (``cli.load_or_exit``)."""
+    return load_or_exit(PROG, load_problems, args.dataset, args.dataset_split, problem_field=args.problem_field,
+                        solution_field=args.solution_field, answer_field=args.answer_field)
 
 
 def response_budget(args) -> int:

@@ -78,6 +78,17 @@ def test_bad_input_fails_in_one_line(tiny_model_dir, tmp_path, extra, message):
     assert not os.path.exists(tmp_path / "o" / "metrics.jsonl")
 
 
+def test_misspelt_lora_target_module_fails_in_one_line(tiny_model_dir, tmp_path):
+    # checked right after the model loads (module names are not in config.json), before peft's traceback
+    p = run_train(*tiny_args(tiny_model_dir, str(tmp_path / "o"), max_steps=1), "--lora_target_modules", "q_prj", "v_proj",
+                  check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"train.py: --lora_target_modules: no module 'q_prj' in --model {tiny_model_dir}; its linear layers are "
+        "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_config_with_unknown_key(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: x\nlearning_rat: 1.0\n")
