@@ -411,10 +411,12 @@ def study_table(lines: list[dict]) -> str:
     for l in lines:
         if l["name"].startswith("eval:"):
             g = f"{l['gsm8k']:.3f} ({l['gsm8k_limit']})" if l.get("gsm8k") is not None else "-"
-            out.append(f"| {l['name'][5:]} | {l['heldout']} | {l['student_prompt']:.3f} | {l['teacher_prompt']:.3f} | {g} |")
+            t = f"{l['teacher_prompt']:.3f}" if l.get("teacher_prompt") is not None else "-"
+            out.append(f"| {l['name'][5:]} | {l['heldout']} | {l['student_prompt']:.3f} | {t} | {g} |")
     out += ["", "| setting | seed | train.py flags (beyond configs/mini-repro.yaml) | before | after | Δ | curve | rollout correct (first -> last step) | wall |",
             "|---|---|---|---|---|---|---|---|---|"]
-    runs = [l for l in lines if not l["name"].startswith("eval:")]
+    runs = [l for l in lines if not l["name"].startswith("eval:") and "before" in l]
+    other = [l for l in lines if not l["name"].startswith("eval:") and "before" not in l]  # the instruments' runs
     by = {}  # a setting = a name and its flags (the same row name run at another lr is another setting)
     for l in runs:
         by.setdefault((l["name"], l["command"].split(" --seed ")[0]), []).append(l)
@@ -430,6 +432,9 @@ def study_table(lines: list[dict]) -> str:
             d = [l["after"] - l["before"] for l in ls]
             out.append(f"| **{name}: mean over {len(ls)} seeds** | | | | {statistics.fmean(l['after'] for l in ls):.3f} | "
                        f"**{statistics.fmean(d):+.3f} ± {statistics.stdev(d):.3f}** | | | |")
+    if other:
+        out += ["", "Other runs (instruments; their numbers are in docs/study.md):", ""]
+        out += [f"- {l['name']} ({l['date']}): `{l['command']}`" for l in other]
     return "\n".join(out)
 
 
