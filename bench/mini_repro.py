@@ -362,6 +362,30 @@ def row_differences(rows: dict, a) -> list[str]:
     return out
 
 
+def clip_summary(a) -> list[str]:
+    """The ``--clip_inversion`` measurements of every run in ``<output_dir>/runs`` as markdown rows: steps, the
+    share of completion tokens whose teacher top-1 is clipped, and the change of log p_S(v*) (nats, token-weighted
+    over all steps) on those tokens and on the others, with the share of clipped tokens whose log p_S(v*) fell."""
+    rows = []
+    for f in sorted((Path(a.output_dir) / "runs").glob("*.clip.jsonl")):
+        recs = [json.loads(l) for l in open(f) if l.strip()]
+        if not recs:
+            continue
+        n = sum(r["tokens"] for r in recs)
+        c = sum(r["clipped_tokens"] for r in recs)
+        dc = sum(r["dlogp_clipped"] * r["clipped_tokens"] for r in recs if r["clipped_tokens"]) / c if c else None
+        du = sum(r["dlogp_unclipped"] * (r["tokens"] - r["clipped_tokens"]) for r in recs
+                 if r["tokens"] > r["clipped_tokens"]) / (n - c)
+        fell = sum(r["fell_clipped"] * r["clipped_tokens"] for r in recs if r["clipped_tokens"]) / c if c else None
+        fmt = (lambda v, f: "-" if v is None else format(v, f))
+        rows.append(f"| {f.name.split('.')[0]} | {len(recs)} | {c} / {n} ({100 * c / n:.2f} %) | {fmt(dc, '+.4f')} | "
+                    f"{fmt(fell, '.2f')} | {du:+.5f} |")
+    if not rows:
+        return []
+    return ["| run | steps | tokens with the teacher top-1 clipped | Δ log p_S(v*), clipped (nats/step) | "
+            "fell, clipped | Δ log p_S(v*), other tokens |", "|---|---|---|---|---|---|", *rows]
+
+
 def summarize(rows: dict, a) -> dict:
     """rows: name -> [result per seed] -> {name: {mean, std, ci, per_seed, gsm8k...}}."""
     import statistics
@@ -565,6 +589,8 @@ def main(argv=None):
     pairs = row_differences(rows, a)
     if pairs:
         table += "\n\nBetween rows, paired 95 % CI over the same problems (seed-averaged): " + "; ".join(pairs) + "."
+    if clip := clip_summary(a):  # --clip_inversion: the mechanism, measured in the same runs
+        table += "\n\n" + "\n".join(clip)
     (out / "table.md").write_text(table + "\n")
     (out / "summary.json").write_text(json.dumps({"args": {k: v for k, v in vars(a).items() if k != "worker"},
                                                   "summary": summary, "row_differences": pairs, "curves": curves, "wall_s": time.time() - t0}, indent=1))

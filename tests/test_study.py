@@ -206,8 +206,9 @@ def test_mini_repro_quick_runs_and_reports(tiny_model_dir, tmp_path):
     # Step 0 of both runs is that evaluation's student-prompt result, not a second measurement.
     assert {l["before"] for l in runs} == {evals[0]["student_prompt"]} == {s["summary"]["base"]["mean"]}
     table = (out / "table.md").read_text()
-    # header, rule, base, sft, warm start, opsd, blank, teacher, blank, row differences (same start model here)
-    assert table.count("\n") == 10 and "| opsd | 1 |" in table
+    # header, rule, base, sft, warm start, opsd, blank, teacher, blank, row differences (same start model here),
+    # blank, the --clip_inversion table: header, rule, opsd-s0
+    assert table.count("\n") == 14 and "| opsd | 1 |" in table and "\n| opsd-s0 | 2 | " in table
     row = next(l for l in table.splitlines() if l.startswith("| opsd |")).split(" | ")
     opsd = next(l for l in runs if l["name"] == "opsd")
     d = float(row[4].split(" (")[0])  # the paired change column: seed-averaged after - before
