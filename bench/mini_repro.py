@@ -377,13 +377,15 @@ def clip_summary(a) -> list[str]:
         du = sum(r["dlogp_unclipped"] * (r["tokens"] - r["clipped_tokens"]) for r in recs
                  if r["tokens"] > r["clipped_tokens"]) / (n - c)
         fell = sum(r["fell_clipped"] * r["clipped_tokens"] for r in recs if r["clipped_tokens"]) / c if c else None
+        fell_u = sum(r["fell_unclipped"] * (r["tokens"] - r["clipped_tokens"]) for r in recs
+                     if r["tokens"] > r["clipped_tokens"]) / (n - c)
         fmt = (lambda v, f: "-" if v is None else format(v, f))
         rows.append(f"| {f.name.split('.')[0]} | {len(recs)} | {c} / {n} ({100 * c / n:.2f} %) | {fmt(dc, '+.4f')} | "
-                    f"{fmt(fell, '.2f')} | {du:+.5f} |")
+                    f"{fmt(fell, '.2f')} | {du:+.5f} | {fell_u:.2f} |")
     if not rows:
         return []
     return ["| run | steps | tokens with the teacher top-1 clipped | Δ log p_S(v*), clipped (nats/step) | "
-            "fell, clipped | Δ log p_S(v*), other tokens |", "|---|---|---|---|---|---|", *rows]
+            "fell, clipped | Δ log p_S(v*), other tokens | fell, other |", "|---|---|---|---|---|---|---|", *rows]
 
 
 def summarize(rows: dict, a) -> dict:
