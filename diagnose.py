@@ -182,6 +182,8 @@ def parse_args(argv=None) -> Args:
                        f"made with; use another --output_dir or --overwrite_output_dir true")
         check_same_settings(Path(args.output_dir) / "config.json", {k: getattr(args, k) for k in EXPERIMENT_FLAGS}, PROG,
                             hint="use another --output_dir or --overwrite_output_dir true", write=False, defaults=vars(Args()))
+        for name in ("spines.jsonl", "branches.jsonl"):  # a damaged line stops the run now, not after the model loads
+            read_jsonl(Path(args.output_dir) / name, prog=PROG)
     return args
 
 
@@ -506,8 +508,8 @@ def load_inputs(args: Args):
         problems = load_problems(args.dataset, args.dataset_split, problem_field=args.problem_field,
                                  solution_field=args.solution_field, answer_field=args.answer_field,
                                  require_solution=True, require_answer=True)
-    except (KeyError, ValueError, FileNotFoundError, ConnectionError) as e:  # no reference solutions; an unreachable Hub
-        fail(PROG, f"--dataset: {e.args[0] if e.args else e}")
+    except (KeyError, ValueError, OSError) as e:  # no reference solutions; an unreadable file; an unreachable Hub
+        fail(PROG, f"--dataset: {e.args[0] if e.args and isinstance(e.args[0], str) else e}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     tok, path = load_tokenizer(args.model, what=f"{PROG}: --model {args.model}", hint=HINT_MODEL)
@@ -622,7 +624,7 @@ def branches_stage(args: Args, chosen: list[dict], spines: dict, generate, tok, 
 
     from pwopsd.grading import grade
 
-    jobs = branch_jobs(args, chosen, spines, {branch_key(b) for b in read_jsonl(path, repair=True)})
+    jobs = branch_jobs(args, chosen, spines, {branch_key(b) for b in read_jsonl(path, repair=True, prog=PROG)})
     every = [(len(p["alternatives"]), branch_budget(p["index"], args.max_new_tokens, args.branch_budget))
              for r in chosen for k in range(args.spines_per_problem) for p in spines[(r["id"], k)]["positions"]]
     n_all, c = sum(a for a, _ in every), args.continuations
@@ -637,7 +639,7 @@ def branches_stage(args: Args, chosen: list[dict], spines: dict, generate, tok, 
                 f.flush()
             graded_by = lambda text, answer, truncated: grade(text, answer, truncated=truncated, rule=args.grading)
             run_branches(jobs, generate, tok, stop_ids, graded_by, args.continuations, args.branch_batch, write, bar)
-    return {branch_key(b): b for b in read_jsonl(path)}
+    return {branch_key(b): b for b in read_jsonl(path, prog=PROG)}
 
 
 def label_positions(args: Args, chosen: list[dict], spines: dict, branches: dict, path: Path) -> list[dict]:
@@ -712,7 +714,7 @@ def main(argv=None) -> dict:
     ids = {r["id"] for r in chosen}
 
     t0 = time.time()  # 1-3. spines, then their positions and scores
-    spines = {(s["problem_id"], s["spine"]): s for s in read_jsonl(out / "spines.jsonl", repair=True) if s["problem_id"] in ids}
+    spines = {(s["problem_id"], s["spine"]): s for s in read_jsonl(out / "spines.jsonl", repair=True, prog=PROG) if s["problem_id"] in ids}
     score_positions(args, sample_spines(args, chosen, spines, generate), spines, model, tok, stop_ids, out / "spines.jsonl")
     wall["spines_and_scores_s"] = time.time() - t0
 

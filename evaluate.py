@@ -200,11 +200,11 @@ def benchmark_problem(names: list[str]) -> str | None:
     for b in names:
         if b in BENCHMARKS or b in DEMO_SOURCES:  # demo-arithmetic-test: the offline held-out split
             continue
-        if Path(b).suffix not in LOCAL_SUFFIXES:
+        if Path(b).suffix.lower() not in LOCAL_SUFFIXES:
             return (f"unknown benchmark {b!r} (known: {', '.join(BENCHMARKS)}, demo-arithmetic-test, "
                     f"or a {'/'.join(LOCAL_SUFFIXES)} file)")
         if not Path(b).is_file():
-            return f"no such file {b}"
+            return f"{b} is a folder; pass a {'/'.join(LOCAL_SUFFIXES)} file" if Path(b).is_dir() else f"no such file {b}"
     labels = [benchmark_label(b) for b in names]
     if len(set(labels)) != len(labels):
         return f"two benchmarks share a name ({labels}); rename a file"
@@ -240,8 +240,9 @@ def load_benchmark(name: str, a: Args) -> list[dict]:
     try:
         return load_problems(source, split, problem_field=a.problem_field, answer_field=a.answer_field,
                              require_solution=False, require_answer=True, limit=a.limit)
-    except (KeyError, ValueError, FileNotFoundError, ConnectionError) as e:  # ConnectionError: an unreachable Hub
-        fail(f"--benchmarks {name}: {e.args[0] if e.args else e}")
+    except (KeyError, ValueError, OSError) as e:  # OSError: a missing / unreadable file, an unreachable Hub
+        message = (str(e.args[0] if e.args and isinstance(e.args[0], str) else e).strip() or type(e).__name__).splitlines()[0]
+        fail(f"--benchmarks {message if message.startswith(name) else f'{name}: {message}'}")
 
 
 def greedy_correct(engine: engines.Engine, problems: list[dict], *, max_new_tokens: int = 128, enable_thinking: bool = False,
@@ -501,7 +502,7 @@ def open_store(a: Args) -> tuple[Path, dict[tuple, dict]]:
     check_same_settings(out / "settings.json", {k: getattr(a, k) for k in GENERATION_SETTINGS}, PROG,
                         active=samples.is_file(), hint=hint, write=False, defaults=vars(Args()))
     done = {}
-    for r in read_jsonl(samples, repair=True):
+    for r in read_jsonl(samples, repair=True, prog=PROG):
         try:
             done.setdefault(sample_key(r), r)
         except (KeyError, TypeError, ValueError):
@@ -655,8 +656,9 @@ def load_eval_benchmarks(args) -> dict[str, list[dict]]:
         try:
             benches[benchmark_label(name)] = load_problems(source, split, require_solution=False, require_answer=True,
                                                              limit=args.eval_limit)
-        except (KeyError, ValueError, FileNotFoundError, ConnectionError, OSError) as e:
-            _fail(TRAIN, f"--eval_benchmarks {name}: {str(e.args[0] if e.args else e).splitlines()[0]}")
+        except (KeyError, ValueError, OSError) as e:  # OSError: FileNotFoundError, ConnectionError, PermissionError
+            message = (str(e.args[0] if e.args and isinstance(e.args[0], str) else e).strip() or type(e).__name__).splitlines()[0]
+            _fail(TRAIN, f"--eval_benchmarks {message if message.startswith(name) else f'{name}: {message}'}")
     return benches
 
 

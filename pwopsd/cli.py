@@ -111,6 +111,8 @@ def _closest(name: str, names) -> str:
 def _read_config(path: str, specs: dict, prog: str) -> dict:
     import yaml
 
+    if os.path.isdir(path):
+        fail(prog, f"--config {path}: is a folder; pass a YAML file")
     if not os.path.isfile(path):
         fail(prog, f"--config: no such file {path}")
     try:
@@ -123,6 +125,9 @@ def _read_config(path: str, specs: dict, prog: str) -> dict:
         fail(prog, f"--config {path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}")
     if not isinstance(cfg, dict):
         fail(prog, f"{path}: expected lines of `flag: value`")
+    odd = [k for k in cfg if not isinstance(k, str)]  # YAML reads the keys `1:`, `null:`, `true:` as int, None, bool
+    if odd:
+        fail(prog, f"{path}: key {odd[0]!r} is not a flag name (expected lines of `flag: value`)")
     unknown = sorted(set(cfg) - set(specs))
     if unknown:
         fail(prog, f"{path}: unknown key(s) {', '.join(unknown)}" + _closest(unknown[0], specs).replace("--", ""))

@@ -19,34 +19,58 @@ from pwopsd.cli import fail
 from pwopsd.ema import save_ema_teacher
 
 PROG = "train.py"
-def read_jsonl(path, repair: bool = False) -> list[dict]:
+
+
+def _jsonl_record(line: bytes):
+    """``(record, None)`` for a line holding a JSON object, else ``(None, what is wrong)``."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, f"is not UTF-8 text (byte 0x{line[e.start]:02x})"
+    except json.JSONDecodeError as e:
+        return None, f"is not valid JSON ({e.msg})"
+    return (record, None) if isinstance(record, dict) else (None, f"is not a JSON object (got {type(record).__name__})")
+
+
+def read_jsonl(path, repair: bool = False, prog: str | None = None) -> list[dict]:
     """The records of a jsonl file written line by line (``[]`` if there is none).
 
-    Lines that are not a JSON object -- a line cut short when a run was killed -- are skipped. With
-    ``repair=True`` the file is also rewritten without them (good lines byte for byte, via a temporary
-    file and a rename), so that the next append starts on a fresh line.
+    Only the last line can be cut short by a killed run (every line is appended whole, then flushed): an unreadable
+    text after the last newline is skipped, and with ``repair=True`` cut off the file (truncated in place, so the
+    next append starts on a fresh line; a complete record lacking only its newline gets one). No other byte is ever
+    rewritten. Blank lines are skipped.
+    Raises:
+        ValueError (SystemExit ``<prog>: ...`` when ``prog`` is given): one line naming the file and line when a
+        line before the last newline is not UTF-8, not JSON or not an object -- damage from outside, which only
+        the user can judge; the file is left as it is.
     """
     path = Path(path)
     if not path.is_file():
         return []
     raw = path.read_bytes()
-    lines, records, bad = [], [], 0
-    for line in raw.decode("utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict):
-            lines.append(line)
+    *complete, tail = raw.split(b"\n")  # "\n" only: a record's text may hold other line separators
+    records = []
+    for i, line in enumerate(complete, 1):
+        if line.strip():
+            record, problem = _jsonl_record(line)
+            if problem is not None:
+                message = (f"{path}: line {i} {problem} (an interrupted run leaves only the last line broken): "
+                           f"fix or delete that line; the file is left as it is")
+                if prog is not None:
+                    fail(prog, message)
+                raise ValueError(message)
             records.append(record)
-        elif line.strip():
-            bad += 1
-    if repair and (bad or (raw and not raw.endswith(b"\n"))):
-        if bad:
-            print(f"[data] {path}: dropped {bad} unreadable line(s) left by an interrupted run")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        tmp.replace(path)
+    last = _jsonl_record(tail)[0] if tail.strip() else None
+    if last is not None:
+        records.append(last)
+    if repair and tail:
+        if last is not None:
+            with open(path, "ab") as f:
+                f.write(b"\n")
+        else:
+            if tail.strip():
+                print(f"[data] {path}: dropped 1 unreadable line left by an interrupted run (the last, cut short)")
+            os.truncate(path, len(raw) - len(tail))
     return records
 
 
@@ -64,8 +88,10 @@ def check_same_settings(path, now: dict, prog: str, *, active: bool = True,
     if active and path.is_file():
         try:
             before = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             fail(prog, f"{path}: unreadable settings of an earlier run; {hint}")
+        if not isinstance(before, dict):  # valid JSON, but not the {flag: value} object a run writes
+            fail(prog, f"{path}: expected the {{flag: value}} settings of an earlier run, got {type(before).__name__}; {hint}")
         before = {**{k: (defaults or {}).get(k) for k in now}, **before}  # a flag the old run lacked: its default
         diff = [f"--{k}={before[k]!r} (now {v!r})" for k, v in now.items() if before[k] != v]
         if diff:
@@ -173,6 +199,8 @@ def check_run_folder(args) -> str | None:
         shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
         fail(PROG, f"--output_dir {args.output_dir} holds another run ({shown}): continue it with "
                    f"--resume_from_checkpoint latest, clear it with --overwrite_output_dir true, or use another --output_dir")
+    if resume:  # the metrics log a resume trims: a damaged line stops it now, not after the model loads
+        read_jsonl(Path(args.output_dir) / "metrics.jsonl", prog=PROG)
     checkpoint = loadable_checkpoint(args.output_dir) if resume == "latest" else resume
     if checkpoint is None:
         return None
@@ -219,7 +247,7 @@ def trim_metrics(output_dir: str, step: int):
     log = Path(output_dir) / "metrics.jsonl"
     if not log.is_file():
         return
-    kept = [r for r in read_jsonl(log) if isinstance(r.get("step"), int) and r["step"] <= step]
+    kept = [r for r in read_jsonl(log, prog=PROG) if isinstance(r.get("step"), int) and r["step"] <= step]
     tmp = log.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(log)
@@ -368,5 +396,5 @@ def run_summary(args, start_step: int, seconds: float, build_seconds: float = 0.
 def saved_lines(path) -> int:
     """Lines of a jsonl file written line by line (0 when there is none): what a Ctrl-C line says is saved."""
     path = Path(path)
-    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
+    return sum(1 for line in path.read_bytes().split(b"\n") if line.strip()) if path.is_file() else 0
 

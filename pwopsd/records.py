@@ -20,8 +20,12 @@ def read_text(path, what: str | None = None) -> str:
     """A UTF-8 text file (a leading BOM, as Windows editors write it, is dropped) -> str.
 
     Raises ValueError naming ``what`` (default: the path) and the line of the first byte that is not UTF-8:
-    ``x.jsonl: line 3 is not UTF-8 text (byte 0xff); save the file as UTF-8``."""
-    raw = Path(path).read_bytes()
+    ``x.jsonl: line 3 is not UTF-8 text (byte 0xff); save the file as UTF-8``. An OSError (PermissionError, ...)
+    keeps its type, its message one line naming the file: ``x.jsonl: cannot read (Permission denied)``."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise type(e)(f"{what or path}: cannot read ({e.strerror or type(e).__name__})") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:  # the codec's own message names neither the file nor the line
@@ -32,15 +36,19 @@ def read_text(path, what: str | None = None) -> str:
 
 
 def _read_rows(source: str, split: str) -> list[dict]:
-    """The rows of a local file or Hub dataset; raises FileNotFoundError / ValueError (one line naming the file
-    and, where it applies, the line or record) or ConnectionError (an unreachable Hub)."""
+    """The rows of a local file, a local dataset folder (``datasets``' layout: e.g. ``train.jsonl`` + ``test.jsonl``,
+    ``split`` picks the file) or a Hub dataset; raises FileNotFoundError / ValueError (one line naming the file or
+    folder and, where it applies, the line or record) or ConnectionError (an unreachable Hub)."""
+    if not source.strip():  # datasets would fail with an IndexError
+        raise ValueError(f"{source!r}: empty; name a {'/'.join(FILE_TYPES)} file, a dataset folder or a Hub id")
     path = Path(source)
-    if path.suffix not in FILE_TYPES and path.is_file():  # an existing file is never looked up on the Hub
+    suffix = path.suffix.lower()  # x.JSONL is a jsonl file too
+    if suffix not in FILE_TYPES and path.is_file():  # an existing file is never looked up on the Hub
         raise ValueError(f"{source}: unsupported file type; use {'/'.join(FILE_TYPES)}")
-    if path.suffix in FILE_TYPES:
+    if suffix in FILE_TYPES and not path.is_dir():
         if not path.is_file():
             raise FileNotFoundError(f"{source}: no such file")
-        if path.suffix == ".jsonl":
+        if suffix == ".jsonl":
             rows = []
             for i, line in enumerate(read_text(path).split("\n"), 1):  # "\n" only: U+2028 may sit inside a string
                 if line.strip():
@@ -50,7 +58,7 @@ def _read_rows(source: str, split: str) -> list[dict]:
                         raise ValueError(f"{source}:{i}: not valid JSON ({e.msg})") from None
                     _check_record(rows[-1], f"{source}:{i}")
             return rows
-        if path.suffix == ".json":
+        if suffix == ".json":
             try:
                 data = json.loads(read_text(path))
             except json.JSONDecodeError as e:
@@ -69,6 +77,7 @@ def _read_rows(source: str, split: str) -> list[dict]:
         except (OSError, ValueError) as e:  # pyarrow's message does not name the file
             raise ValueError(f"{source}: not a readable parquet file ({(str(e).strip() or type(e).__name__).splitlines()[0]})") from None
     import datasets  # Hub id (or a local dataset folder)
+    from datasets.exceptions import DatasetsError
 
     try:
         return list(datasets.load_dataset(source, split=split))
@@ -76,6 +85,14 @@ def _read_rows(source: str, split: str) -> list[dict]:
         cause = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise ConnectionError(f"cannot download {source!r} from the Hugging Face Hub ({cause}); use a local "
                               f".jsonl/.json/.parquet copy of it, or an offline built-in: {', '.join(DEMO_SOURCES)}") from None
+    except (OSError, ValueError, DatasetsError) as e:
+        if not path.is_dir():
+            raise
+        # datasets' own message is several lines, or only "An error occurred" with the reason in its cause
+        lines = (str(e.__cause__ or e).strip() or type(e).__name__).splitlines()
+        raise ValueError(f"{source}: is a folder that datasets cannot load as split {split!r} ("
+                         f"{lines[0] if len(lines) == 1 else lines[0] + ' ... ' + lines[-1]}); pass a "
+                         f"{'/'.join(FILE_TYPES)} file or a Hub id") from None
 
 
 def _check_record(row, where: str):

@@ -211,7 +211,8 @@ def check_args(args, method, reference_targets):
         (method.loss != "reopold" or (args.weighting, args.reduction) == (None, None),
          f"--method {args.method} normalises by sum(M) itself: --weighting / --reduction do not apply"),
         (args.resume_from_checkpoint in (None, "latest") or os.path.isdir(args.resume_from_checkpoint),
-         f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint}"),
+         f"--resume_from_checkpoint {args.resume_from_checkpoint}: a file, not a checkpoint folder (checkpoint-<step>/)"
+         if os.path.isfile(args.resume_from_checkpoint or "") else f"--resume_from_checkpoint: no such folder {args.resume_from_checkpoint}"),
         (method.loss == "clipped_fkl" or (args.beta, args.teacher_top_k) == (0, 0),
          f"--beta / --teacher_top_k change the clipped forward KL; --method {args.method} does not use it"),
         (args.beta == 0 or args.teacher_top_k == 0, "--teacher_top_k is a forward KL: use it with --beta 0"),
