@@ -52,7 +52,7 @@ import pwopsd.engine as engines
 import rollout as R
 from pwopsd import grading
 from data import load_problems
-from pwopsd.cli import DTYPES, HINT_MODEL, arg, fail as _fail, load_tokenizer, model_context, parse_config, resolve_dtype
+from pwopsd.cli import DTYPES, HINT_MODEL, arg, error_line, fail as _fail, load_tokenizer, model_context, parse_config, resolve_dtype
 from pwopsd.console import budget_bar, continue_command, interruptible, quiet_logs
 from pwopsd.demo import DEMO_SOURCES, resolve_model
 from pwopsd.folders import check_output_dir, check_same_settings, damaged_file, read_jsonl, saved_lines, start_output_dir
@@ -241,8 +241,7 @@ def load_benchmark(name: str, a: Args) -> list[dict]:
         return load_problems(source, split, problem_field=a.problem_field, answer_field=a.answer_field,
                              require_solution=False, require_answer=True, limit=a.limit)
     except (KeyError, ValueError, OSError) as e:  # OSError: a missing / unreadable file, an unreachable Hub
-        message = (str(e.args[0] if e.args and isinstance(e.args[0], str) else e).strip() or type(e).__name__).splitlines()[0]
-        fail(f"--benchmarks {message if message.startswith(name) else f'{name}: {message}'}")
+        fail(f"--benchmarks {error_line(e, name)}")
 
 
 def greedy_correct(engine: engines.Engine, problems: list[dict], *, max_new_tokens: int = 128, enable_thinking: bool = False,
@@ -657,8 +656,7 @@ def load_eval_benchmarks(args) -> dict[str, list[dict]]:
             benches[benchmark_label(name)] = load_problems(source, split, require_solution=False, require_answer=True,
                                                              limit=args.eval_limit)
         except (KeyError, ValueError, OSError) as e:  # OSError: FileNotFoundError, ConnectionError, PermissionError
-            message = (str(e.args[0] if e.args and isinstance(e.args[0], str) else e).strip() or type(e).__name__).splitlines()[0]
-            _fail(TRAIN, f"--eval_benchmarks {message if message.startswith(name) else f'{name}: {message}'}")
+            _fail(TRAIN, f"--eval_benchmarks {error_line(e, name)}")
     return benches
 
 

@@ -52,6 +52,14 @@ def fail(prog: str, message: str) -> NoReturn:
     raise SystemExit(f"{prog}: {message}")
 
 
+def error_line(e: BaseException, name: str) -> str:
+    """A loading error as one line that names ``name`` once: ``"<name>: <first line of the message>"``, or the
+    message alone where it already starts with ``name`` (KeyError's str() would add quotes: its first arg is used)."""
+    message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    message = message.strip().splitlines()[0] if message.strip() else type(e).__name__
+    return message if message.startswith(name) else f"{name}: {message}"
+
+
 def load_or_exit(prog: str, load, source: str, *args, flag: str = "--dataset", index: int | None = None, **kwargs) -> list[dict]:
     """``load(source, *args, **kwargs)`` (``data.load_problems``, handed in: this package never imports a stage
     file), where a bad source stops the script with one line ``<prog>: <flag> <what is wrong>`` instead of a
@@ -60,9 +68,7 @@ def load_or_exit(prog: str, load, source: str, *args, flag: str = "--dataset", i
     try:
         rows = load(source, *args, **kwargs)
     except (KeyError, ValueError, OSError) as e:  # OSError: FileNotFoundError, ConnectionError (an unreachable Hub)
-        message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)  # KeyError's str() adds quotes
-        message = message.strip().splitlines()[0] if message.strip() else type(e).__name__
-        fail(prog, f"{flag} {message if message.startswith(source) else f'{source}: {message}'}")
+        fail(prog, f"{flag} {error_line(e, source)}")
     if index is not None and index >= len(rows):
         fail(prog, f"--index {index}: {flag} {source} has {len(rows)} usable problem(s) (index 0 to {len(rows) - 1})")
     return rows
